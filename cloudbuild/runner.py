@@ -1,0 +1,136 @@
+"""The one place that runs external commands.
+
+Every command is logged with its argv, has a timeout, and a failure raises `CommandError`
+carrying the exit status and the tail of stderr, so an error message says what actually broke.
+Long-running processes (a VM, a container) are started with `spawn()` and stopped with
+`terminate()`; nothing else in the code base calls `subprocess` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from cloudbuild.errors import InfraError
+from cloudbuild.log import get_logger
+
+log = get_logger(__name__)
+
+Arg = str | os.PathLike[str]
+
+DEFAULT_TIMEOUT = 600.0
+STDERR_TAIL = 2000
+
+
+class CommandError(InfraError):
+    """An external command failed or timed out."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, *, timed_out: bool = False):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        self.timed_out = timed_out
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        what = "timed out" if timed_out else f"exited {returncode}"
+        super().__init__(f"{argv[0]} {what}" + (f": {tail}" if tail else ""))
+
+
+def _argv(argv: Sequence[Arg]) -> list[str]:
+    return [os.fspath(a) for a in argv]
+
+
+def run(
+    argv: Sequence[Arg],
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    check: bool = True,
+    input: bytes | str | None = None,
+    capture: bool = True,
+    text: bool = True,
+    env: Mapping[str, str] | None = None,
+    cwd: Arg | None = None,
+    stdout: int | IO[Any] | None = None,
+) -> subprocess.CompletedProcess[Any]:
+    """Run a command to completion; raise CommandError when it fails (unless check=False)."""
+    args = _argv(argv)
+    log.debug("run", argv=args, cwd=os.fspath(cwd) if cwd else None)
+    if isinstance(input, str) and not text:
+        input = input.encode()
+    out = stdout if stdout is not None else (subprocess.PIPE if capture else None)
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdout=out,
+            stderr=subprocess.PIPE if capture else None,
+            timeout=timeout,
+            text=text,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise CommandError(args, None, stderr, timed_out=True) from exc
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, f"{args[0]}: command not found") from exc
+    if check and proc.returncode != 0:
+        err = proc.stderr if isinstance(proc.stderr, str) else (proc.stderr or b"").decode(errors="replace")
+        raise CommandError(args, proc.returncode, err[-STDERR_TAIL:])
+    return proc
+
+
+def which(name: str, *, extra_dirs: Sequence[str] = ("/usr/sbin", "/sbin")) -> Path | None:
+    """Find an executable on PATH (plus the sbin folders a non-login root shell may lack)."""
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), *extra_dirs]:
+        candidate = Path(folder or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def spawn(
+    argv: Sequence[Arg],
+    *,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
+    stdout: int | IO[Any] | None = subprocess.PIPE,
+    stderr: int | IO[Any] | None = subprocess.STDOUT,
+    env: Mapping[str, str] | None = None,
+    cwd: Arg | None = None,
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process (a VM, a container) in its own session so it can be killed whole."""
+    args = _argv(argv)
+    log.info("spawn", argv=args)
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=new_session,
+        )
+    except FileNotFoundError as exc:
+        raise CommandError(args, 127, f"{args[0]}: command not found") from exc
+
+
+def terminate(proc: subprocess.Popen[Any], *, grace: float = 5.0) -> int:
+    """Stop a spawned process and its session: SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc.poll() is not None:
+        return proc.returncode
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
