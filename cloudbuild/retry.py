@@ -81,7 +81,9 @@ def retrying(
 
     def decorate(fn: Callable[P, T]) -> Callable[P, T]:
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return call_with_retries(lambda: fn(*args, **kwargs), is_transient=is_transient, what=what, policy=policy)
+            return call_with_retries(
+                lambda: fn(*args, **kwargs), is_transient=is_transient, what=what, policy=policy
+            )
 
         wrapper.__name__ = getattr(fn, "__name__", "wrapped")
         wrapper.__doc__ = fn.__doc__
@@ -108,7 +110,9 @@ def wait_for(
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda value: value is None or value is False),
         stop=tenacity.stop_after_delay(timeout),
-        wait=tenacity.wait_exponential(multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)),
+        wait=tenacity.wait_exponential(
+            multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)
+        ),
         sleep=lambda s: _sleep(s),
         reraise=True,
     )

@@ -8,6 +8,7 @@ Long-running processes (a VM, a container) are started with `spawn()` and stoppe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -125,10 +126,8 @@ def terminate(proc: subprocess.Popen[Any], *, grace: float = 5.0) -> int:
     if proc.poll() is not None:
         return proc.returncode
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             return proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,1 @@
+"""The subcommands of `cloudbuild` that are not owned by a subject module."""

@@ -1,0 +1,1 @@
+"""cloudbuild.guest"""

@@ -1,0 +1,1 @@
+"""Local hypervisor backends: each a local-volume variant of the Volume/Backend interfaces."""
