@@ -208,11 +208,13 @@ class _Reader:
         return "".join(parts)
 
     def _double_quoted(self) -> str:
+        start = self.pos
         self.pos += 1
         out: list[str] = []
         while True:
             char = self.peek()
             if char == "":
+                self.pos = start
                 raise self.fail("unterminated double quote")
             if char == '"':
                 self.pos += 1
@@ -220,7 +222,7 @@ class _Reader:
             if char == "\\":
                 escaped = self.text[self.pos + 1 : self.pos + 2]
                 if escaped not in _DQ_ESCAPES:
-                    raise self.fail("a backslash inside double quotes escapes only \\ $ \" `")
+                    raise self.fail('a backslash inside double quotes escapes only \\ $ " `')
                 out.append(_DQ_ESCAPES[escaped])
                 self.pos += 2
             elif char in "$`":
