@@ -12,6 +12,7 @@ obs-build's rules, kept so that existing farm scripts work unchanged:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,14 +89,19 @@ class OptionSpec:
     convert: Callable[[str, str], Any] = field(default=lambda opt, value: value)
 
 
+def _is_number(text: str) -> bool:
+    # ASCII only: str.isdigit() accepts "²" (which int() refuses) and other scripts' digits
+    return text.isascii() and text.isdigit()
+
+
 def _positive_int(opt: str, value: str) -> int:
-    if not value.isdigit() or int(value) <= 0:
+    if not _is_number(value) or int(value) <= 0:
         raise UsageError(f"{opt}: '{value}' is not a positive number")
     return int(value)
 
 
 def _non_negative_int(opt: str, value: str) -> int:
-    if not value.isdigit():
+    if not _is_number(value):
         raise UsageError(f"{opt}: '{value}' is not a number (0 or more)")
     return int(value)
 
@@ -105,7 +111,7 @@ def _seconds(opt: str, value: str) -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not 0 < seconds < math.inf:
         raise UsageError(f"{opt}: '{value}' is not a positive number of seconds")
     return seconds
 
@@ -117,7 +123,7 @@ def _memory_mib(opt: str, value: str) -> int:
     if text[-1:].upper() in ("M", "G"):
         factor = 1024 if text[-1:].upper() == "G" else 1
         text = text[:-1]
-    if not text.isdigit() or int(text) <= 0:
+    if not _is_number(text) or int(text) <= 0:
         raise UsageError(f"{opt}: '{value}' is not a positive size in MiB (e.g. 2048 or 2G)")
     return int(text) * factor
 

@@ -96,7 +96,9 @@ def source_with_bash(path: Path, variables: dict[str, str | list[str]]) -> dict[
             script.append(f'printf "%s\\0" "${name}"')
         else:
             script.append(f'printf "%s\\0" "${{#{name}[@]}}" "${{{name}[@]}}"')
-    out = run([bash(), "--norc", "--noprofile", "-c", "\n".join(script), "bash", path], text=False).stdout
+    # cwd: a broken writer could let bash redirect into a file; keep that inside the test's folder
+    argv = [bash(), "--norc", "--noprofile", "-c", "\n".join(script), "bash", path]
+    out = run(argv, text=False, cwd=path.parent).stdout
     fields = out.split(b"\0")
     assert fields[-1] == b""
     fields.pop()
