@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any, Literal, TextIO
 
 import structlog
+from structlog._config import BoundLoggerLazyProxy
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -47,10 +48,13 @@ def get_logger(name: str | None = None, **context: Any) -> Any:
     """A bound logger; `name` is the module, `context` anything to carry on every event."""
     if not _configured:
         configure()
-    logger = structlog.get_logger()
     if name:
         context = {"logger": name, **context}
-    return logger.bind(**context) if context else logger
+    # A lazy proxy with initial values, not get_logger().bind(): bind() builds the logger at once
+    # and freezes this moment's processors, level and stream, so every module-level logger would
+    # ignore a later configure() (--log-format, tests' capture_logs). get_logger(**context) cannot
+    # carry our "logger" key (it collides with wrap_logger's parameter), hence the proxy itself.
+    return BoundLoggerLazyProxy(None, initial_values=context, logger_factory_args=())
 
 
 def bind(**context: Any) -> None:
