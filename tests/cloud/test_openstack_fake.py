@@ -56,6 +56,12 @@ def test_clouds_yaml_and_os_cloud_connect(openstack_fake: FakeOpenStack, opensta
     assert openstack.connect(cloud=openstack_cloud_env).compute.find_flavor("m1.small").id == "2"
 
 
+def test_unversioned_auth_url_is_discovered(openstack_fake: FakeOpenStack) -> None:
+    conn = openstack.connect(**openstack_fake.connect_kwargs() | {"auth_url": openstack_fake.url})
+    assert conn.compute.find_flavor("m1.tiny").id == "1"
+    assert openstack_fake.calls[0] == ("GET", "/", 300)  # Keystone's multiple-choice version list
+
+
 def test_wrong_password_is_refused(openstack_fake: FakeOpenStack) -> None:
     kwargs = openstack_fake.connect_kwargs() | {"password": "wrong"}
     with pytest.raises(ks_exceptions.Unauthorized):
@@ -104,6 +110,33 @@ def test_volume_is_creating_then_available(openstack_fake: FakeOpenStack, openst
     assert (vol.size, vol.volume_type, vol.availability_zone) == (10, "ssd", "az2")
     assert vol.metadata == {"cloudbuild:slot": "1"}
     assert vol.attachments == []
+
+
+def test_each_transitional_status_is_seen_by_lag_gets() -> None:
+    with running_fake(lag=3) as fake:
+        conn = openstack.connect(**fake.connect_kwargs())
+        vol = conn.block_storage.create_volume(size=1)
+        assert [conn.block_storage.get_volume(vol).status for _ in range(4)] == ["creating"] * 3 + ["available"]
+    with running_fake(lag=0) as fake:
+        conn = openstack.connect(**fake.connect_kwargs())
+        vol = conn.block_storage.create_volume(size=1)
+        assert conn.block_storage.get_volume(vol).status == "available"
+
+
+def test_lists_do_not_advance_state_but_settle_does(openstack_fake: FakeOpenStack, openstack_conn: Conn) -> None:
+    vol = openstack_conn.block_storage.create_volume(size=1)
+    for _ in range(3):
+        assert [v.status for v in openstack_conn.block_storage.volumes()] == ["creating"]
+    openstack_fake.settle()
+    assert [v.status for v in openstack_conn.block_storage.volumes()] == ["available"]
+    assert openstack_fake.volume(vol.id).status == "available"
+
+
+def test_lists_are_paged_with_limit_and_marker(openstack_fake: FakeOpenStack, openstack_conn: Conn) -> None:
+    ids = [openstack_conn.block_storage.create_volume(size=1).id for _ in range(5)]
+    assert [v.id for v in openstack_conn.block_storage.volumes(limit=2)] == ids
+    # 2 + 2 + 1 via volumes_links, then openstacksdk asks once more after the short page.
+    assert len(openstack_fake.calls_matching("GET", r"/volumes/detail$")) == 4
 
 
 def test_volume_list_filters_by_metadata_given_as_a_literal(openstack_fake: FakeOpenStack,
@@ -197,6 +230,13 @@ def test_server_list_filters_by_name_and_finds_flavor_and_image_by_name(openstac
     assert openstack_conn.image.find_image("cirros").status == "active"
 
 
+def test_server_metadata_filter_is_client_side_in_openstacksdk(openstack_fake: FakeOpenStack,
+                                                             openstack_conn: Conn) -> None:
+    mine = _booted_server(openstack_conn, _available_volume(openstack_conn), metadata={"cloudbuild:owner": "w1"})
+    assert [s.id for s in openstack_conn.compute.servers(metadata={"cloudbuild:owner": "w1"})] == [mine.id]
+    assert openstack_fake.calls[-1] == ("GET", "/compute/v2.1/servers/detail", 200)  # Nova has no such filter
+
+
 def test_server_metadata_set_get_delete(openstack_conn: Conn) -> None:
     server = _booted_server(openstack_conn, _available_volume(openstack_conn))
     openstack_conn.compute.set_server_metadata(server, **{"cloudbuild:expires": "2030-01-01T00:00:00Z"})
@@ -250,6 +290,20 @@ def test_delete_server_goes_deleted_then_404_and_releases_volumes(openstack_fake
     assert root.attachments == []
     openstack_conn.block_storage.delete_volume(root)
     openstack_conn.block_storage.wait_for_delete(root, interval=0.01, wait=5)
+    assert openstack_fake.resources() == {"servers": [], "volumes": []}
+
+
+def test_delete_on_termination_volumes_go_with_the_server(openstack_fake: FakeOpenStack,
+                                                          openstack_conn: Conn) -> None:
+    root = _available_volume(openstack_conn)
+    server = openstack_conn.compute.create_server(name="b", flavor_id="2", networks="none", block_device_mapping=[
+        {"boot_index": 0, "uuid": root.id, "source_type": "volume", "destination_type": "volume",
+         "delete_on_termination": True}])
+    openstack_conn.compute.wait_for_server(server, **FAST)
+    openstack_conn.compute.delete_server(server)
+    openstack_conn.compute.wait_for_delete(server, interval=0.01, wait=5)
+    openstack_conn.block_storage.wait_for_delete(root, interval=0.01, wait=5)
+    openstack_fake.settle()
     assert openstack_fake.resources() == {"servers": [], "volumes": []}
 
 

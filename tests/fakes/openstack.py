@@ -520,6 +520,27 @@ class _Api:
             raise fault(400, f"Invalid input for field/attribute {what}. Additional properties are not "
                              f"allowed ({', '.join(map(repr, extra))} were unexpected)")
 
+    def page(self, req: Request, items: list[Any], key: str) -> tuple[list[Any], Json]:
+        """``limit``/``marker`` paging with a ``{key}_links`` next link when the page is full,
+        as Nova and Cinder do (openstacksdk follows the link and stops on a short page)."""
+        if (marker := req.one("marker")) is not None:
+            ids = [i.id for i in items]
+            if marker not in ids:
+                raise fault(400, f"marker [{marker}] not found")
+            items = items[ids.index(marker) + 1:]
+        raw_limit = req.one("limit")
+        if raw_limit is None:
+            return items, {}
+        if not raw_limit.isdigit():
+            raise fault(400, f"Invalid input for query parameters limit. Value: {raw_limit}")
+        limit = int(raw_limit)
+        page = items[:limit]
+        if not page or len(page) < limit:
+            return page, {}
+        query = "&".join(f"{k}={v}" for k, vs in req.query.items() if k != "marker" for v in vs)
+        href = f"{self.base_url()}{req.path}?{query}&marker={page[-1].id}"
+        return page, {f"{key}_links": [{"rel": "next", "href": href}]}
+
     @staticmethod
     def metadata_of(value: Any, what: str) -> dict[str, str]:
         if value is None:
@@ -809,10 +830,11 @@ class NovaApi(_Api):
             servers = [s for s in servers if s.status == status.upper()]
         if (az := req.one("availability_zone")) is not None:
             servers = [s for s in servers if s.availability_zone == az]
+        servers, links = self.page(req, servers, "servers")
         if req.path.endswith("/detail"):
-            return Reply(200, {"servers": [self.server_view(s, mv) for s in servers]})
+            return Reply(200, {"servers": [self.server_view(s, mv) for s in servers], **links})
         return Reply(200, {"servers": [{"id": s.id, "name": s.name, "links": self._links("servers", s.id)}
-                                       for s in servers]})
+                                       for s in servers], **links})
 
     def show_server(self, req: Request, sid: str) -> Reply:
         s = self.cloud.server(sid)
@@ -822,6 +844,16 @@ class NovaApi(_Api):
         s.after_get()
         return Reply(200, {"server": self.server_view(s, req.microversion or NOVA_MIN)})
 
+    @staticmethod
+    def _boot_order(entry: Json) -> int:
+        """boot_index as an int; not bootable (None, -1, "none") sorts after every bootable one."""
+        raw = entry.get("boot_index")
+        try:
+            index = int(raw) if raw not in (None, "none") else -1
+        except (TypeError, ValueError):
+            raise fault(400, f"Invalid input for field/attribute boot_index. Value: {raw!r}") from None
+        return index if index >= 0 else 1000
+
     def _block_devices(self, raw: Any) -> list[tuple[FakeVolume, Bdm]]:
         if raw is None:
             return []
@@ -829,10 +861,9 @@ class NovaApi(_Api):
             raise fault(400, "Invalid input for field/attribute block_device_mapping_v2.")
         result: list[tuple[FakeVolume, Bdm]] = []
         device_letters = iter("abcdefghijklmnopqrstuvwxyz")
-        # The boot volume becomes vda whatever its position in the list, like libvirt does it.
-        for entry in sorted(raw, key=lambda e: (e.get("boot_index") in (None, -1, "none"),
-                                                int(e.get("boot_index") or 0)
-                                                if str(e.get("boot_index")).lstrip("-").isdigit() else 0)):
+        # Bootable entries first in boot order (so the boot volume is vda wherever it is listed),
+        # then the rest in the order given, which is how the libvirt driver names them.
+        for entry in sorted(raw, key=self._boot_order):
             if entry.get("source_type") != "volume" or entry.get("destination_type", "volume") != "volume":
                 raise UnknownCall(f"block_device_mapping_v2 entry {entry} (fake supports only "
                                   "source_type=volume, destination_type=volume)")
@@ -843,9 +874,8 @@ class NovaApi(_Api):
             if vol.status != "available":
                 raise fault(400, f"Block Device Mapping is Invalid: volume {vid} status must be "
                                  f"'available', but it is '{vol.status}'")
-            boot_index = entry.get("boot_index")
-            boot = int(boot_index) if boot_index not in (None, "none") else None
-            result.append((vol, Bdm(vol.id, f"/dev/vd{next(device_letters)}", boot,
+            boot = self._boot_order(entry)
+            result.append((vol, Bdm(vol.id, f"/dev/vd{next(device_letters)}", boot if boot < 1000 else None,
                                     bool(entry.get("delete_on_termination", False)), entry.get("tag"))))
         if len({v.id for v, _ in result}) != len(result):
             raise fault(400, "Block Device Mapping is Invalid: a volume is listed twice.")
@@ -1067,7 +1097,7 @@ class CinderApi(_Api):
         invalid = set(req.query) - self.LIST_FILTERS
         if invalid:
             raise fault(400, f"Invalid filter keys: {', '.join(sorted(invalid))}")
-        if set(req.query) & {"marker", "sort", "sort_key", "sort_dir", "all_tenants", "project_id"}:
+        if set(req.query) & {"sort", "sort_key", "sort_dir", "all_tenants", "project_id"}:
             raise UnknownCall(f"volume list parameters {sorted(req.query)}")
         vols = list(self.cloud.volumes.values())
         for key in ("name", "status", "availability_zone"):
@@ -1076,12 +1106,11 @@ class CinderApi(_Api):
         if (raw := req.one("metadata")) is not None:
             wanted = self._metadata_filter(raw)
             vols = [v for v in vols if all(v.metadata.get(k) == val for k, val in wanted.items())]
-        if (limit := req.one("limit")) is not None:
-            vols = vols[: int(limit)]
-        if req.path.rstrip("/").endswith("/detail"):
-            return Reply(200, {"volumes": [self.volume_view(v, mv) for v in vols]})
+        vols, links = self.page(req, vols, "volumes")
+        if req.path.endswith("/detail"):
+            return Reply(200, {"volumes": [self.volume_view(v, mv) for v in vols], **links})
         return Reply(200, {"volumes": [{"id": v.id, "name": v.name, "links": self.volume_view(v, mv)["links"]}
-                                       for v in vols]})
+                                       for v in vols], **links})
 
     @staticmethod
     def _metadata_filter(raw: str) -> dict[str, str]:
