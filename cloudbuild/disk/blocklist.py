@@ -1,0 +1,333 @@
+"""`cloudbuild blocklist`: the guest side of the result channel (obs-build's computeblocklists).
+
+Turns a list of result paths into a manifest of their on-disk extents (FIEMAP, FIBMAP as the
+fallback), which the guest writes onto the swap disk and the host reads with
+`cloudbuild.disk.extract`. See `cloudbuild.disk.manifest` for the format and docs/results.md.
+
+STDLIB ONLY: the guest agent imports this inside the build machine. Warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import io
+import os
+import stat
+import struct
+import sys
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+from cloudbuild.disk import manifest
+from cloudbuild.disk.manifest import WriteFormat
+
+FIBMAP = 1
+FIGETBSZ = 2
+FS_IOC_FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
+
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_ENCODED = 0x8
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+# UNKNOWN | DELALLOC | DATA_ENCRYPTED | NOT_ALIGNED | DATA_INLINE | DATA_TAIL: no disk address to read
+FIEMAP_EXTENT_UNMAPPABLE = 0x2 | 0x4 | 0x80 | 0x100 | 0x200 | 0x400
+
+_FIEMAP_HEAD = struct.Struct("=QQIIII")  # fm_start fm_length fm_flags fm_mapped_extents fm_extent_count fm_reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # fe_logical fe_physical fe_length reserved64[2] fe_flags reserved[3]
+_EXTENTS_PER_CALL = 512
+
+
+class BlocklistError(Exception):
+    """A result file cannot be block-mapped (the manifest cannot describe it)."""
+
+
+def _alt_ioctl(nr: int) -> int:
+    # powerpc, mips, sparc and alpha have 3 direction bits and _IOC_NONE = 1
+    size = (nr >> 16) & 0x3FFF
+    direction = nr >> 30
+    if size > (1 << 13):
+        raise ValueError(f"bad ioctl size {size}")
+    return (nr & 0x1FFFFFFF) | ((direction + 1) << 29)
+
+
+def _ioctl(fd: int, nr: int, arg: bytearray) -> None:
+    try:
+        fcntl.ioctl(fd, nr, arg, True)
+    except OSError:
+        fcntl.ioctl(fd, _alt_ioctl(nr), arg, True)
+
+
+def block_size(fd: int) -> int:
+    """The filesystem block size of the open file `fd` (FIGETBSZ)."""
+    buf = bytearray(struct.pack("=i", 0))
+    _ioctl(fd, FIGETBSZ, buf)
+    (bsize,) = struct.unpack("=i", buf)
+    if bsize <= 0:
+        raise BlocklistError(f"illegal block size {bsize}")
+    return int(bsize)
+
+
+def fiemap_extents(fd: int, size: int, bsize: int) -> list[bytes]:
+    """EXTENT tokens from FIEMAP, exactly as computeblocklists writes them: unwritten
+    (fallocated) extents and gaps become holes, a trailing hole covers up to `size`."""
+    tokens: list[bytes] = []
+    offset = 0
+    buf = bytearray(_FIEMAP_HEAD.size + _FIEMAP_EXTENT.size * _EXTENTS_PER_CALL)
+    while offset < size:
+        _FIEMAP_HEAD.pack_into(buf, 0, offset, size, FIEMAP_FLAG_SYNC, 0, _EXTENTS_PER_CALL, 0)
+        buf[_FIEMAP_HEAD.size :] = bytes(len(buf) - _FIEMAP_HEAD.size)
+        _ioctl(fd, FS_IOC_FIEMAP, buf)
+        count = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+        if count == 0:
+            break  # the rest is a hole
+        last = False
+        for i in range(count):
+            logical, physical, length, _, _, flags, _, _, _ = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size
+            )
+            if logical >= size:
+                raise BlocklistError("extent beyond the end of the file")
+            if logical < offset:
+                raise BlocklistError("extents going back in the file")
+            if length <= 0:
+                raise BlocklistError("extent with bad size")
+            if offset < logical:
+                tokens.append(manifest.extent_token(0, logical - offset - 1, bsize))
+            islast = logical + length >= size
+            if flags & FIEMAP_EXTENT_UNWRITTEN:
+                # allocated but never written: reads back as zeros, so it is a hole
+                tokens.append(manifest.extent_token(0, length - 1, bsize, islast=islast))
+            elif flags & FIEMAP_EXTENT_ENCODED:
+                raise BlocklistError("extent is mapped but encoded (compressed?)")
+            elif flags & FIEMAP_EXTENT_UNMAPPABLE:
+                raise BlocklistError(f"extent cannot be block-mapped (flags {flags:#x})")
+            elif physical == 0:
+                raise BlocklistError("extent at disk byte 0 would read as a hole")
+            else:
+                tokens.append(manifest.extent_token(physical, physical + length - 1, bsize, islast=islast))
+            offset = logical + length
+            last = bool(flags & FIEMAP_EXTENT_LAST)
+        if last:
+            break
+    if offset < size:
+        tokens.append(manifest.extent_token(0, size - offset - 1, bsize, islast=True))
+    return tokens
+
+
+def fibmap_extents(fd: int, size: int, bsize: int) -> list[bytes]:
+    """EXTENT tokens from FIBMAP, block by block (needs CAP_SYS_RAWIO; the slow old way)."""
+    tokens: list[bytes] = []
+    blocks = (size + bsize - 1) // bsize
+    first: int | None = None
+    last = 0
+    buf = bytearray(4)
+    for index in range(blocks):
+        struct.pack_into("=I", buf, 0, index)
+        _ioctl(fd, FIBMAP, buf)
+        (block,) = struct.unpack("=I", buf)
+        if first is not None and block == (last + 1 if first else 0):
+            last += 1  # continue the run (a hole run counts its blocks from 0)
+            continue
+        if first is not None and first != last:
+            tokens[-1] += b"-%d" % last
+        tokens.append(b"%d" % block)
+        first = last = block
+    if first is not None and first != last:
+        tokens[-1] += b"-%d" % last
+    return tokens
+
+
+def file_extents(fd: int, size: int, bsize: int, *, use_fibmap: bool = False) -> list[bytes]:
+    """FIEMAP, else FIBMAP (like computeblocklists)."""
+    problems = []
+    if not use_fibmap:
+        try:
+            return fiemap_extents(fd, size, bsize)
+        except (OSError, BlocklistError) as exc:
+            problems.append(f"fiemap: {exc}")
+    try:
+        return fibmap_extents(fd, size, bsize)
+    except (OSError, BlocklistError) as exc:
+        problems.append(f"fibmap: {exc}")
+    raise BlocklistError("could not get the extent list (" + "; ".join(problems) + ")")
+
+
+def _warn(message: str) -> None:
+    sys.stderr.write(f"blocklist: {message}\n")
+
+
+def _mtime(st: os.stat_result, name: bytes) -> int:
+    if st.st_mtime_ns < 0:
+        _warn(f"{_show(name)}: mtime before 1970, written as 0")
+        return 0
+    return min(st.st_mtime_ns // 1_000_000_000, manifest.MAX_MTIME)
+
+
+def _show(name: bytes) -> str:
+    return os.fsdecode(name)
+
+
+def manifest_lines(
+    paths: Iterable[bytes | str],
+    *,
+    fmt: WriteFormat = "obs+mtimes",
+    verbose: int = 0,
+    use_fibmap: bool = False,
+    dir_fd: int | None = None,
+) -> Iterator[tuple[bytes, bytes, int]]:
+    """(line, name, mtime) for each path that goes into the manifest, in the given order.
+
+    Paths are relative (like `find RPMS SRPMS OTHER`), to the current directory or `dir_fd`.
+    A symlink whose target would leave the tree, or a special file, is skipped with a warning
+    (as computeblocklists does); a name extractbuild would refuse raises ValueError; a file
+    that cannot be block-mapped raises BlocklistError.
+    """
+    inline = fmt == "mtime"
+    for path in paths:
+        name = os.fsencode(path)
+        if not name:
+            continue  # an empty line in the list of names
+        problem = manifest.name_problem(name)
+        if problem:
+            raise ValueError(f"{_show(name)}: {problem}")
+        st = os.lstat(name, dir_fd=dir_fd)
+        mtime = _mtime(st, name)
+        line_mtime = mtime if inline else None
+        if verbose:
+            sys.stderr.write(f"{_show(name)}\n")
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=dir_fd)
+            problem = manifest.symlink_problem(name, target)
+            if problem:
+                _warn(f"{_show(name)}: bad symlink ({_show(target)}): {problem}, ignored")
+                continue
+            yield manifest.symlink_line(name, target, mtime=line_mtime), name, mtime
+        elif stat.S_ISDIR(st.st_mode):
+            yield manifest.dir_line(name, mtime=line_mtime), name, mtime
+        elif stat.S_ISREG(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                st = os.fstat(fd)
+                if st.st_size == 0:
+                    yield manifest.file_line(name, 0, 0, (), mtime=line_mtime), name, mtime
+                    continue
+                bsize = block_size(fd)
+                try:
+                    extents = file_extents(fd, st.st_size, bsize, use_fibmap=use_fibmap)
+                except BlocklistError as exc:
+                    raise BlocklistError(f"{_show(name)}: {exc}") from None
+                line = manifest.file_line(name, st.st_size, bsize, extents, mtime=line_mtime)
+                yield line, name, mtime
+            finally:
+                os.close(fd)
+        else:
+            _warn(f"{_show(name)}: unsupported file type, ignored")
+
+
+def write_manifest(
+    paths: Iterable[bytes | str],
+    out: BinaryIO,
+    *,
+    padstart: int = 0,
+    padend: int = 0,
+    verbose: int = 0,
+    fmt: WriteFormat = "obs+mtimes",
+    use_fibmap: bool = False,
+    dir_fd: int | None = None,
+) -> int:
+    """Write the manifest of `paths` to `out`: `padstart` newlines (room for the build status),
+    the entries, the terminating empty line (then the mtime trailer for `obs+mtimes`), `padend`
+    newlines. Returns the number of entries. `obs` output is byte-identical to computeblocklists'.
+
+    Note that `padend` newlines already terminate the manifest (as in obs-build); with `padend=0`
+    and format `obs`, nothing terminates it but the end of `out`.
+    """
+    if fmt not in manifest.WRITE_FORMATS:
+        raise ValueError(f"unknown manifest format {fmt!r}")
+    out.write(b"\n" * padstart)
+    out.write(manifest.header(fmt))
+    mtimes: list[tuple[bytes, int]] = []
+    count = 0
+    for line, name, mtime in manifest_lines(paths, fmt=fmt, verbose=verbose, use_fibmap=use_fibmap, dir_fd=dir_fd):
+        out.write(line)
+        mtimes.append((name, mtime))
+        count += 1
+    if fmt == "obs+mtimes":
+        out.write(b"\n" + manifest.mtime_trailer(mtimes))
+    elif fmt == "mtime":
+        out.write(b"\n")
+    out.write(b"\n" * padend)
+    return count
+
+
+def _read_names(stream: BinaryIO, sep: bytes) -> Iterator[bytes]:
+    pending = b""
+    while True:
+        chunk = stream.read(1 << 16)
+        if not chunk:
+            break
+        pending += chunk
+        *names, pending = pending.split(sep)
+        yield from names
+    if pending:
+        yield pending
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloudbuild blocklist",
+        description="Write the blocklist manifest of result files (obs-build's computeblocklists).",
+    )
+    parser.add_argument("--padstart", type=int, default=0, metavar="N", help="newlines before the manifest")
+    parser.add_argument("--padend", type=int, default=0, metavar="N", help="newlines after the manifest")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="print each name on stderr")
+    parser.add_argument("--manifest", metavar="FILE", help="read more names from FILE ('-': stdin)")
+    parser.add_argument("-0", dest="null", action="store_true", help="names in --manifest end with NUL")
+    parser.add_argument(
+        "--format",
+        choices=manifest.WRITE_FORMATS,
+        default="obs+mtimes",
+        help="obs: exactly computeblocklists' output; obs+mtimes (default): plus an mtime trailer that "
+        "extractbuild ignores; mtime: inline mtimes (cloudbuild extract only)",
+    )
+    parser.add_argument("--fibmap", action="store_true", help="use FIBMAP instead of FIEMAP")
+    parser.add_argument("files", nargs="*", metavar="FILE", help="names to list before those of --manifest")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.padstart < 0 or args.padend < 0:
+        _warn("--padstart/--padend must not be negative")
+        return 1
+    names: list[Iterable[bytes | str]] = [[os.fsencode(f) for f in args.files]]
+    stream: BinaryIO | None = None
+    if args.manifest:
+        stream = sys.stdin.buffer if args.manifest == "-" else open(args.manifest, "rb")  # noqa: SIM115
+        names.append(_read_names(stream, b"\0" if args.null else b"\n"))
+    # the whole manifest is built before anything is written: a failure writes nothing
+    buf = io.BytesIO()
+    try:
+        write_manifest(
+            (name for group in names for name in group),
+            buf,
+            padstart=args.padstart,
+            padend=args.padend,
+            verbose=args.verbose,
+            fmt=args.format,
+            use_fibmap=args.fibmap,
+        )
+    except (OSError, ValueError, BlocklistError) as exc:
+        _warn(str(exc))
+        return 1
+    finally:
+        if stream is not None and stream is not sys.stdin.buffer:
+            stream.close()
+    sys.stdout.buffer.write(buf.getvalue())
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,490 @@
+"""`cloudbuild extract`: the host side of the result channel (obs-build's extractbuild).
+
+Copies the result files straight out of the raw (or qcow2) root disk by the manifest the guest
+wrote onto the swap disk, never mounting a filesystem the guest wrote. The manifest is hostile
+input: `cloudbuild.disk.manifest` parses it strictly; here every entry is created below a private
+staging directory through directory file descriptors (mkdirat/openat with O_EXCL|O_NOFOLLOW,
+symlinkat), every read is bounded by the disk, every byte written by `max_size`, and only a
+complete extraction is moved into the destination. Anything wrong raises UntrustedData (exit 3)
+and leaves nothing new in the destination. docs/results.md has the threat model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from cloudbuild.disk import manifest
+from cloudbuild.disk.manifest import DEFAULT_LIMITS, Dialect, Limits
+from cloudbuild.disk.qcow2 import Qcow2Image
+from cloudbuild.errors import CloudbuildError, InfraError, UntrustedData, UsageError
+from cloudbuild.log import get_logger
+
+_COPY_CHUNK = 1 << 30  # per copy_file_range/sendfile call
+_BUFFER = 8 << 20  # for the pread/pwrite fallback
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# errors the manifest's content can provoke while creating entries (the rest are the host's)
+_CONTENT_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL}
+
+
+@dataclass(frozen=True)
+class ExtractReport:
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int  # logical size of all files, holes included
+    copied: int  # bytes read from the disk
+    seconds: float
+
+
+class DiskSource(Protocol):
+    """Guest-visible bytes of a disk: `fd` to copy from and where each range lives in it."""
+
+    fd: int
+    size: int
+
+    def map(self, offset: int, length: int) -> Iterator[tuple[int | None, int]]: ...
+
+
+class RawDisk:
+    """A raw image file or block device."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.size = os.lseek(fd, 0, os.SEEK_END)
+
+    def map(self, offset: int, length: int) -> Iterator[tuple[int | None, int]]:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise UntrustedData(f"read of {length} bytes at {offset} outside the {self.size}-byte disk")
+        yield offset, length
+
+
+class _Copier:
+    """Disk -> file copies in the kernel where it can: copy_file_range (same filesystem type;
+    reflinks on xfs/btrfs), else sendfile (block devices), else large pread/pwrite."""
+
+    def __init__(self) -> None:
+        self.mode = "copy_file_range"
+        self._buffer: bytearray | None = None
+
+    def copy(self, src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+        while length > 0:
+            count = min(length, _COPY_CHUNK)
+            done = self._once(src, src_off, dst, dst_off, count)
+            if done <= 0:
+                raise InfraError(f"disk read returned nothing at byte {src_off}")
+            src_off += done
+            dst_off += done
+            length -= done
+
+    def _once(self, src: int, src_off: int, dst: int, dst_off: int, count: int) -> int:
+        if self.mode == "copy_file_range":
+            try:
+                return os.copy_file_range(src, dst, count, src_off, dst_off)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                    raise
+                self.mode = "sendfile"
+        if self.mode == "sendfile":
+            try:
+                os.lseek(dst, dst_off, os.SEEK_SET)
+                return os.sendfile(dst, src, src_off, count)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                self.mode = "pread"
+        if self._buffer is None:
+            self._buffer = bytearray(_BUFFER)
+        view = memoryview(self._buffer)[: min(count, _BUFFER)]
+        got = os.preadv(src, [view], src_off)
+        written = 0
+        while written < got:
+            written += os.pwrite(dst, view[written:got], dst_off + written)
+        return got
+
+
+class _Tree:
+    """Directory fds below the staging root, opened component by component with O_NOFOLLOW;
+    only the chain of the last directory used is kept open (bounded by the manifest's depth)."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self._fds: dict[bytes, int] = {}
+
+    def fd(self, path: bytes) -> int:
+        if not path:
+            return self.root_fd
+        fd = self._fds.get(path)
+        if fd is not None:
+            return fd
+        parent, _, base = path.rpartition(b"/")
+        if len(self._fds) > 512:
+            self._trim(path)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=self.fd(parent))
+        self._fds[path] = fd
+        return fd
+
+    def _trim(self, keep: bytes) -> None:
+        for path in list(self._fds):
+            if not (keep + b"/").startswith(path + b"/"):
+                os.close(self._fds.pop(path))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _split(name: bytes) -> tuple[bytes, bytes]:
+    parent, _, base = name.rpartition(b"/")
+    return parent, base
+
+
+def _ns(mtime: int) -> tuple[int, int]:
+    return (mtime * 1_000_000_000, mtime * 1_000_000_000)
+
+
+def _show(name: bytes) -> str:
+    return repr(name.decode("utf-8", "backslashreplace")[:200])
+
+
+def _os_error(exc: OSError, what: str) -> CloudbuildError:
+    if exc.errno in _CONTENT_ERRNOS:
+        return UntrustedData(f"{what}: {exc.strerror}")
+    return InfraError(f"{what}: {exc.strerror}")
+
+
+def extract_into(
+    disk: DiskSource,
+    stream: BinaryIO,
+    root_fd: int,
+    *,
+    max_size: int,
+    dialect: Dialect = "auto",
+    limits: Limits = DEFAULT_LIMITS,
+    verbose: int = 0,
+) -> tuple[ExtractReport, list[bytes], dict[bytes, int]]:
+    """Create the manifest's entries below the (empty, private) directory `root_fd`.
+
+    Returns the report, the top-level names in manifest order and their mtimes (to restore
+    after moving them). Raises UntrustedData on anything hostile or malformed; the caller owns
+    the cleanup of `root_fd`'s contents.
+    """
+    started = time.monotonic()
+    tree = _Tree(root_fd)
+    copier = _Copier()
+    files = dirs = symlinks = total = copied = 0
+    top: list[bytes] = []
+    late_mtimes: list[tuple[bytes, int]] = []  # directories and trailer entries: set at the very end
+    try:
+        for entry in manifest.parse(stream, dialect=dialect, limits=limits):
+            if isinstance(entry, manifest.Mtime):
+                late_mtimes.append((entry.name, entry.mtime))
+                continue
+            parent, base = _split(entry.name)
+            if not parent:
+                top.append(entry.name)
+            if verbose:
+                print(os.fsdecode(entry.name), flush=False)
+            try:
+                parent_fd = tree.fd(parent)
+                if isinstance(entry, manifest.Dir):
+                    os.mkdir(base, 0o777, dir_fd=parent_fd)
+                    dirs += 1
+                    if entry.mtime is not None:
+                        late_mtimes.append((entry.name, entry.mtime))
+                elif isinstance(entry, manifest.Symlink):
+                    os.symlink(entry.target, base, dir_fd=parent_fd)
+                    symlinks += 1
+                    if entry.mtime is not None:
+                        os.utime(base, ns=_ns(entry.mtime), dir_fd=parent_fd, follow_symlinks=False)
+                else:
+                    if entry.size > max_size - total:
+                        raise UntrustedData(
+                            f"{_show(entry.name)}: {entry.size} bytes would pass the limit of {max_size} bytes in all"
+                        )
+                    total += entry.size
+                    copied += _write_file(disk, copier, entry, base, parent_fd)
+                    files += 1
+            except OSError as exc:
+                raise _os_error(exc, f"creating {_show(entry.name)}") from None
+        top_mtimes: dict[bytes, int] = {}
+        for name, mtime in late_mtimes:
+            parent, base = _split(name)
+            try:
+                os.utime(base, ns=_ns(mtime), dir_fd=tree.fd(parent), follow_symlinks=False)
+            except OSError as exc:
+                raise _os_error(exc, f"setting the mtime of {_show(name)}") from None
+            if not parent:
+                top_mtimes[name] = mtime
+    finally:
+        tree.close()
+    report = ExtractReport(files, dirs, symlinks, total, copied, time.monotonic() - started)
+    return report, top, top_mtimes
+
+
+def _write_file(disk: DiskSource, copier: _Copier, entry: manifest.File, base: bytes, parent_fd: int) -> int:
+    fd = os.open(base, _FILE_FLAGS, 0o666, dir_fd=parent_fd)
+    copied = 0
+    try:
+        position = 0
+        if entry.size:
+            for run in entry.runs(disk_size=disk.size):
+                if run.offset is not None:
+                    for host, length in disk.map(run.offset, run.length):
+                        if host is not None:  # None: qcow2 zeros, left as a hole
+                            copier.copy(disk.fd, host, fd, position, length)
+                            copied += length
+                        position += length
+                else:
+                    position += run.length
+        os.ftruncate(fd, entry.size)  # trailing holes; and a file never ends up longer than its size
+        if entry.mtime is not None:
+            os.utime(fd, ns=_ns(entry.mtime))
+    finally:
+        os.close(fd)
+    return copied
+
+
+# ---------------------------------------------------------------------------------------------
+# staging and moving into place
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    _renameat2.restype = ctypes.c_int
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(src_fd: int, name: bytes, dst_fd: int) -> None:
+    if _renameat2 is not None:
+        if _renameat2(src_fd, name, dst_fd, name, _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), os.fsdecode(name))
+    # no RENAME_NOREPLACE here: check, then rename (the destination is the host's, not the guest's)
+    try:
+        os.lstat(name, dir_fd=dst_fd)
+    except FileNotFoundError:
+        os.rename(name, name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        return
+    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(name))
+
+
+def _staging_dir(dest: Path) -> Path:
+    """A private directory on dest's filesystem: beside dest, else (dest is a mount point or its
+    parent is not writable) a hidden one inside it."""
+    parent = dest.parent
+    if parent != dest:
+        try:
+            if os.stat(parent).st_dev == os.stat(dest).st_dev:
+                return Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=parent))
+        except OSError:
+            pass
+    return Path(tempfile.mkdtemp(prefix=".cloudbuild-extract-", dir=dest))
+
+
+def _move_into_place(staging_fd: int, dest_fd: int, dest: Path, top: list[bytes], mtimes: dict[bytes, int]) -> None:
+    for name in top:
+        try:
+            os.lstat(name, dir_fd=dest_fd)
+        except FileNotFoundError:
+            continue
+        raise UntrustedData(f"{_show(name)} already exists in {dest}")
+    moved: list[bytes] = []
+    try:
+        for name in top:
+            _rename_noreplace(staging_fd, name, dest_fd)
+            moved.append(name)
+    except OSError as exc:
+        for name in reversed(moved):
+            os.rename(name, name, src_dir_fd=dest_fd, dst_dir_fd=staging_fd)
+        raise _os_error(exc, f"moving results into {dest}") from None
+    for name, mtime in mtimes.items():  # moving a directory may touch it
+        os.utime(name, ns=_ns(mtime), dir_fd=dest_fd, follow_symlinks=False)
+
+
+def extract_stream(
+    disk: DiskSource,
+    stream: BinaryIO,
+    *,
+    dest: Path,
+    max_size: int | None = None,
+    dialect: Dialect = "auto",
+    limits: Limits = DEFAULT_LIMITS,
+    verbose: int = 0,
+) -> ExtractReport:
+    """Extract into the existing directory `dest` by the manifest read from `stream`: all or nothing."""
+    dest = Path(os.path.abspath(dest))
+    if not dest.is_dir() or dest.is_symlink():
+        raise UsageError(f"destination {dest} is not a directory")
+    limit = disk.size if max_size is None else max_size
+    staging = _staging_dir(dest)
+    staging_fd = os.open(staging, _DIR_FLAGS)
+    try:
+        report, top, mtimes = extract_into(
+            disk, stream, staging_fd, max_size=limit, dialect=dialect, limits=limits, verbose=verbose
+        )
+        dest_fd = os.open(dest, _DIR_FLAGS)
+        try:
+            _move_into_place(staging_fd, dest_fd, dest, top, mtimes)
+        finally:
+            os.close(dest_fd)
+    finally:
+        os.close(staging_fd)
+        shutil.rmtree(staging, ignore_errors=True)
+    get_logger(__name__).info(
+        "extracted results",
+        dest=str(dest),
+        files=report.files,
+        dirs=report.dirs,
+        symlinks=report.symlinks,
+        bytes=report.bytes,
+        copied=report.copied,
+        seconds=round(report.seconds, 3),
+    )
+    return report
+
+
+def _skip(stream: BinaryIO, skip: int) -> None:
+    if not skip:
+        return
+    try:
+        stream.seek(skip, os.SEEK_SET)
+        return
+    except (OSError, io.UnsupportedOperation):
+        pass
+    left = skip
+    while left:
+        chunk = stream.read(min(left, 1 << 16))
+        if not chunk:
+            raise UntrustedData(f"manifest source shorter than the {skip}-byte status pad")
+        left -= len(chunk)
+
+
+def open_disk(fd: int, *, qcow2: bool) -> DiskSource:
+    return Qcow2Image(fd) if qcow2 else RawDisk(fd)
+
+
+def extract_results(
+    disk: Path,
+    manifest_source: Path,
+    *,
+    skip: int = 512,
+    dest: Path,
+    max_size: int | None = None,
+    qcow2: bool = False,
+    dialect: Dialect = "auto",
+    limits: Limits = DEFAULT_LIMITS,
+    verbose: int = 0,
+) -> ExtractReport:
+    """Copy the results listed by the manifest on `manifest_source` (after `skip` bytes of build
+    status) out of the root disk `disk` (raw image, block device, or qcow2 with `qcow2=True`) into
+    the existing directory `dest`. At most `max_size` bytes in all (default: the disk's size).
+
+    Raises UntrustedData (exit 3) on a malformed or hostile manifest or image, leaving nothing new
+    in `dest`; UsageError if `dest` is not a directory; InfraError on host I/O errors.
+    """
+    try:
+        disk_fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InfraError(f"cannot open disk {disk}: {exc.strerror}") from None
+    try:
+        source = open_disk(disk_fd, qcow2=qcow2)
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(disk_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        try:
+            stream = open(manifest_source, "rb", buffering=1 << 20)  # noqa: SIM115
+        except OSError as exc:
+            raise InfraError(f"cannot open manifest {manifest_source}: {exc.strerror}") from None
+        with stream:
+            _skip(stream, skip)
+            return extract_stream(
+                source, stream, dest=dest, max_size=max_size, dialect=dialect, limits=limits, verbose=verbose
+            )
+    finally:
+        os.close(disk_fd)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cloudbuild extract",
+        description="Copy result files out of a raw/qcow2 disk by a blocklist manifest (obs-build's extractbuild).",
+    )
+    parser.add_argument("--disk", required=True, type=Path, metavar="IMAGE", help="root disk: image or block device")
+    parser.add_argument("--input", type=Path, metavar="FILE", help="manifest source (swap disk); default stdin")
+    parser.add_argument("--skip", type=int, default=0, metavar="N", help="bytes of build status before the manifest")
+    parser.add_argument("--qcow2", "--qcow", action="store_true", help="the disk is a qcow2 image")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="print each name")
+    parser.add_argument("--dest", type=Path, default=Path("."), metavar="DIR", help="where to extract (default: .)")
+    parser.add_argument(
+        "--max-size", type=int, metavar="BYTES", help="limit on the bytes of all files (default: the disk's size)"
+    )
+    parser.add_argument(
+        "--manifest-format",
+        choices=manifest.DIALECTS,
+        default="auto",
+        help="auto (default): obs lines (mtime trailer honoured) unless a '%%format mtime' header says "
+        "inline mtimes; obs; mtime: inline-mtime lines even without the header",
+    )
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.skip < 0 or (args.max_size is not None and args.max_size < 0):
+            raise UsageError("--skip and --max-size must not be negative")
+        if args.input is None:
+            try:
+                disk_fd = os.open(args.disk, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise InfraError(f"cannot open disk {args.disk}: {exc.strerror}") from None
+            try:
+                stdin = sys.stdin.buffer
+                _skip(stdin, args.skip)
+                extract_stream(
+                    open_disk(disk_fd, qcow2=args.qcow2),
+                    stdin,
+                    dest=args.dest,
+                    max_size=args.max_size,
+                    dialect=args.manifest_format,
+                    verbose=args.verbose,
+                )
+            finally:
+                os.close(disk_fd)
+        else:
+            extract_results(
+                args.disk,
+                args.input,
+                skip=args.skip,
+                dest=args.dest,
+                max_size=args.max_size,
+                qcow2=args.qcow2,
+                dialect=args.manifest_format,
+                verbose=args.verbose,
+            )
+    except CloudbuildError as exc:
+        sys.stdout.flush()
+        print(f"cloudbuild extract: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,472 @@
+"""The blocklist manifest: obs-build's result-channel format, its bounded strict parser and its line writer.
+
+The guest writes the manifest (`cloudbuild.disk.blocklist`), the host reads it
+(`cloudbuild.disk.extract`); both import this module, so it is STDLIB ONLY (the guest agent
+imports it inside the build machine).
+
+Syntax (obs-build's `computeblocklists` / `extractbuild`, docs/results.md has the full story)::
+
+    d NAME                              a directory
+    l NAME TARGET                       a symlink
+    f NAME 0                            an empty file
+    f NAME SIZE BLKSIZE EXTENT...       a file: SIZE bytes made of the extents, in order
+    <empty line>                        end of the manifest
+
+EXTENT is ``START[:OFF][-END[:OFF]]``: disk blocks of BLKSIZE bytes plus byte offsets, both ends
+inclusive (a missing start offset is 0, a missing end is the start block, a missing end offset is
+BLKSIZE-1). A run that starts at disk byte 0 is a hole. NAME and TARGET escape the bytes
+0x00-0x1f, space and ``%`` as ``%XX`` (upper-case hex).
+
+Two cloudbuild extensions carry modification times (obs-build's manifests have none):
+
+* the *mtime trailer*: after the terminating empty line, a line ``%mtimes`` then ``NAME MTIME``
+  lines and an empty line. obs-build's extractbuild stops at the first empty line and never sees
+  it, so a manifest with a trailer is still an obs-build manifest.
+* the *inline* generation: a first line ``%format mtime``, then ``d NAME MTIME``,
+  ``l NAME MTIME TARGET``, ``f NAME MTIME 0`` / ``f NAME MTIME SIZE BLKSIZE EXTENT...``.
+  obs-build's extractbuild refuses it on its first line, before creating anything.
+
+The parser is strict: it accepts exactly what the writers produce (canonical numbers and escapes,
+single spaces, no raw control bytes) and refuses anything else with `UntrustedData`, within fixed
+bounds on line length, manifest size, entry count and path shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+from cloudbuild.errors import UntrustedData
+
+MIB = 1024 * 1024
+
+Dialect = Literal["auto", "obs", "mtime"]
+"""How to read a manifest: `auto` (``%format mtime`` header selects inline mtimes, else obs lines
+with an optional mtime trailer), `obs` (obs lines only), `mtime` (inline mtime lines, header optional)."""
+
+WriteFormat = Literal["obs", "obs+mtimes", "mtime"]
+"""What to write: `obs` (byte-identical to computeblocklists), `obs+mtimes` (obs lines and the mtime
+trailer: readable by every extractbuild, mtimes restored by cloudbuild), `mtime` (inline generation)."""
+
+WRITE_FORMATS: tuple[WriteFormat, ...] = ("obs", "obs+mtimes", "mtime")
+DIALECTS: tuple[Dialect, ...] = ("auto", "obs", "mtime")
+
+HEADER_MTIME = b"%format mtime"
+TRAILER_MTIMES = b"%mtimes"
+
+MIN_BLKSIZE = 512
+MAX_BLKSIZE = 65536
+MAX_NUMBER = (1 << 63) - 1
+MAX_MTIME = 10**11 - 1  # year 5138: far enough, small enough for every utime()
+NAME_MAX = 255
+PATH_MAX = 4095
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a manifest may make the host do (all of them hostile-guest controlled)."""
+
+    max_line: int = 16 * MIB  # a 4 GiB file in 4 KiB fragments is ~8 MiB of extents
+    max_manifest: int = 256 * MIB  # bytes read from the manifest source, trailer included
+    max_entries: int = 1_000_000
+    max_depth: int = 128  # path components per name
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Dir:
+    name: bytes
+    mtime: int | None = None
+
+
+@dataclass(frozen=True)
+class Symlink:
+    name: bytes
+    target: bytes
+    mtime: int | None = None
+
+
+@dataclass(frozen=True)
+class Run:
+    """`length` bytes of a file: read at disk byte `offset`, or a hole when `offset` is None."""
+
+    offset: int | None
+    length: int
+
+
+@dataclass(frozen=True)
+class File:
+    name: bytes
+    size: int
+    blksize: int
+    extents: bytes  # the raw EXTENT tokens, parsed lazily by runs() so memory stays bounded
+    mtime: int | None = None
+
+    def runs(self, *, disk_size: int) -> Iterator[Run]:
+        """The file's byte runs in order, adjacent ones coalesced; refuses anything not exactly
+        accounted for or outside `disk_size`."""
+        return _runs(self, disk_size)
+
+
+@dataclass(frozen=True)
+class Mtime:
+    """From the mtime trailer: set `name`'s modification time once everything exists."""
+
+    name: bytes
+    mtime: int
+
+
+Entry = Dir | Symlink | File | Mtime
+
+
+# ---------------------------------------------------------------------------------------------
+# escaping and path rules, shared by both sides
+
+_ESCAPED = frozenset([*range(0x20), 0x20, 0x25])
+_ESCAPE_TABLE = {b: b"%%%02X" % b for b in _ESCAPED}
+_NEEDS_ESCAPE = re.compile(rb"[\x00-\x20%]")
+_HEX_UPPER = b"0123456789ABCDEF"
+
+
+def escape(raw: bytes) -> bytes:
+    """obs-build's escaping: bytes 0x00-0x1f, space and % as %XX."""
+    return _NEEDS_ESCAPE.sub(lambda m: _ESCAPE_TABLE[m.group()[0]], raw)
+
+
+def unescape(field: bytes, what: str) -> bytes:
+    """Strict inverse of `escape`: only %XX (upper-case hex) of a byte that `escape` escapes."""
+    if b"%" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    while True:
+        j = field.find(b"%", i)
+        if j < 0:
+            out += field[i:]
+            return bytes(out)
+        out += field[i:j]
+        pair = field[j + 1 : j + 3]
+        if len(pair) != 2 or pair[0] not in _HEX_UPPER or pair[1] not in _HEX_UPPER:
+            raise UntrustedData(f"manifest: bad escape in {what} {_show(field)}")
+        byte = int(pair, 16)
+        if byte not in _ESCAPED:
+            raise UntrustedData(f"manifest: needless escape %{byte:02X} in {what} {_show(field)}")
+        out.append(byte)
+        i = j + 3
+
+
+def _show(raw: bytes, limit: int = 80) -> str:
+    text = raw[:limit].decode("utf-8", "backslashreplace")
+    return repr(text + ("..." if len(raw) > limit else ""))
+
+
+def name_problem(name: bytes, *, max_depth: int = DEFAULT_LIMITS.max_depth) -> str | None:
+    """Why `name` may not be a manifest entry (None if it may): extractbuild's rules (no empty,
+    `.` or `..` component, so nothing absolute) plus NUL, length and depth bounds."""
+    if not name:
+        return "empty name"
+    if b"\0" in name:
+        return "name contains NUL"
+    if len(name) > PATH_MAX:
+        return "name too long"
+    parts = name.split(b"/")
+    if len(parts) > max_depth:
+        return "name nested too deep"
+    for part in parts:
+        if part in (b"", b".", b".."):
+            return "absolute name or empty, '.' or '..' component"
+        if len(part) > NAME_MAX:
+            return "name component too long"
+    return None
+
+
+def symlink_problem(name: bytes, target: bytes) -> str | None:
+    """Why the symlink `name` -> `target` is refused (None if fine): extractbuild's rules. No
+    absolute target, no empty or `.` component, `..` only as a leading run no longer than the
+    link's depth in the tree (so the target stays inside the tree)."""
+    if not target:
+        return "empty symlink target"
+    if b"\0" in target:
+        return "symlink target contains NUL"
+    if len(target) > PATH_MAX:
+        return "symlink target too long"
+    parts = target.split(b"/")
+    if any(part in (b"", b".") for part in parts):
+        return "absolute symlink target or empty or '.' component"
+    ups = 0
+    while ups < len(parts) and parts[ups] == b"..":
+        ups += 1
+    if b".." in parts[ups:]:
+        return "'..' in the middle of a symlink target"
+    if ups > name.count(b"/"):
+        return "symlink target escapes the tree"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the line writer (used by the guest-side blocklist writer)
+
+
+def extent_token(start: int, end: int, blksize: int, *, islast: bool = False) -> bytes:
+    """One EXTENT for disk bytes `start`..`end` inclusive (start 0: a hole of end+1 bytes), written
+    exactly as computeblocklists does; `islast` rounds the end up to its block's last byte."""
+    if start > end or start < 0:
+        raise ValueError(f"bad extent {start}-{end}")
+    startblk, startoff = divmod(start, blksize)
+    endblk, endoff = divmod(end, blksize)
+    if islast:
+        endoff = blksize - 1
+    token = b"%d" % startblk
+    if startoff:
+        token += b":%d" % startoff
+    if startblk != endblk or endoff != blksize - 1:
+        token += b"-%d" % endblk
+        if endoff != blksize - 1:
+            token += b":%d" % endoff
+    return token
+
+
+def header(fmt: WriteFormat) -> bytes:
+    """What precedes the first entry line."""
+    return HEADER_MTIME + b"\n" if fmt == "mtime" else b""
+
+
+def dir_line(name: bytes, *, mtime: int | None = None) -> bytes:
+    if mtime is None:
+        return b"d %s\n" % escape(name)
+    return b"d %s %d\n" % (escape(name), mtime)
+
+
+def symlink_line(name: bytes, target: bytes, *, mtime: int | None = None) -> bytes:
+    if mtime is None:
+        return b"l %s %s\n" % (escape(name), escape(target))
+    return b"l %s %d %s\n" % (escape(name), mtime, escape(target))
+
+
+def file_line(
+    name: bytes, size: int, blksize: int, extents: Iterable[bytes], *, mtime: int | None = None
+) -> bytes:
+    head = b"f %s" % escape(name) if mtime is None else b"f %s %d" % (escape(name), mtime)
+    if size == 0:
+        return head + b" 0\n"
+    return b"%s %d %d %s\n" % (head, size, blksize, b" ".join(extents))
+
+
+def mtime_trailer(mtimes: Iterable[tuple[bytes, int]]) -> bytes:
+    """The trailer written after the terminating empty line (obs+mtimes format)."""
+    lines = [TRAILER_MTIMES + b"\n"]
+    lines.extend(b"%s %d\n" % (escape(name), mtime) for name, mtime in mtimes)
+    lines.append(b"\n")
+    return b"".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parser (host side)
+
+_NUMBER = re.compile(rb"0|[1-9][0-9]{0,18}")
+_EXTENT = re.compile(rb"(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?(?:-(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?)?")
+_RAW_CONTROL = re.compile(rb"[\x00-\x1f]")
+
+
+def _number(token: bytes, what: str, maximum: int = MAX_NUMBER) -> int:
+    if not _NUMBER.fullmatch(token):
+        raise UntrustedData(f"manifest: bad {what} {_show(token)}")
+    value = int(token)
+    if value > maximum:
+        raise UntrustedData(f"manifest: {what} {value} out of range")
+    return value
+
+
+class _Reader:
+    """Line reader with the manifest's bounds: no line longer than max_line, no more than
+    max_manifest bytes in all."""
+
+    def __init__(self, stream: BinaryIO, limits: Limits) -> None:
+        self._stream = stream
+        self._limits = limits
+        self.consumed = 0
+        self.lineno = 0
+
+    def line(self) -> bytes | None:
+        """The next line without its newline; None at end of input (only after a complete line)."""
+        budget = min(self._limits.max_line + 1, self._limits.max_manifest - self.consumed + 1)
+        raw = self._stream.readline(budget)
+        if not raw:
+            return None
+        self.consumed += len(raw)
+        self.lineno += 1
+        if self.consumed > self._limits.max_manifest:
+            raise UntrustedData(f"manifest: longer than {self._limits.max_manifest} bytes")
+        if not raw.endswith(b"\n"):
+            if len(raw) > self._limits.max_line:
+                raise UntrustedData(f"manifest: line {self.lineno} longer than {self._limits.max_line} bytes")
+            raise UntrustedData(f"manifest: line {self.lineno} is truncated (no newline at end of input)")
+        return raw[:-1]
+
+
+def parse(
+    stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAULT_LIMITS
+) -> Iterator[Entry]:
+    """Entries of the manifest read from `stream` (positioned after the status pad), in order,
+    checked as they come; raises UntrustedData at the first problem.
+
+    Guarantees for every entry yielded: the name passes `name_problem`, is not a duplicate, and
+    its parent is a `Dir` yielded before; symlink targets pass `symlink_problem`; a File's
+    runs() add up to exactly its size. Mtime entries (trailer) name an entry yielded before,
+    once each, and come after all other entries.
+    """
+    reader = _Reader(stream, limits)
+    kinds: dict[bytes, str] = {}
+    inline = dialect == "mtime"
+    line = reader.line()
+    if line is not None and line.startswith(b"%"):
+        if line != HEADER_MTIME or dialect == "obs":
+            raise UntrustedData(f"manifest: unknown header line {_show(line)}")
+        inline = True
+        line = reader.line()
+    while line:  # None (end of input) or b"" (terminator) end the entries
+        if len(kinds) >= limits.max_entries:
+            raise UntrustedData(f"manifest: more than {limits.max_entries} entries")
+        entry = _entry(line, inline=inline, kinds=kinds, limits=limits, lineno=reader.lineno)
+        kinds[entry.name] = type(entry).__name__
+        yield entry
+        line = reader.line()
+    if line is None or inline:
+        return
+    # obs lines: an mtime trailer may follow the terminator; anything else there is the pad or
+    # old swap contents and is never looked at
+    trailer = reader.line()
+    if trailer != TRAILER_MTIMES:
+        return
+    seen: set[bytes] = set()
+    while True:
+        line = reader.line()
+        if line is None:
+            raise UntrustedData("manifest: mtime trailer without its terminating empty line")
+        if not line:
+            return
+        fields = _fields(line, reader.lineno)
+        if len(fields) != 2:
+            raise UntrustedData(f"manifest: line {reader.lineno}: bad mtime trailer line")
+        name = unescape(fields[0], "name")
+        if name not in kinds:
+            raise UntrustedData(f"manifest: mtime for unknown entry {_show(name)}")
+        if name in seen:
+            raise UntrustedData(f"manifest: second mtime for {_show(name)}")
+        seen.add(name)
+        yield Mtime(name, _number(fields[1], "mtime", MAX_MTIME))
+
+
+def _fields(line: bytes, lineno: int, maxsplit: int = -1) -> list[bytes]:
+    if _RAW_CONTROL.search(line):
+        raise UntrustedData(f"manifest: line {lineno} contains a raw control byte")
+    fields = line.split(b" ", maxsplit)
+    if any(not field for field in fields):
+        raise UntrustedData(f"manifest: line {lineno}: empty field (leading, trailing or double space)")
+    return fields
+
+
+def _entry(line: bytes, *, inline: bool, kinds: dict[bytes, str], limits: Limits, lineno: int) -> Entry:
+    # split off at most the fixed fields; a file's extents stay one bytes object, parsed lazily
+    fixed = 5 if inline else 4
+    fields = _fields(line, lineno, fixed)
+    kind = fields[0]
+    if kind not in (b"d", b"l", b"f") or len(fields) < 2:
+        raise UntrustedData(f"manifest: line {lineno}: unknown entry {_show(line)}")
+    name = unescape(fields[1], "name")
+    problem = name_problem(name, max_depth=limits.max_depth)
+    if problem:
+        raise UntrustedData(f"manifest: line {lineno}: {problem}: {_show(name)}")
+    if name in kinds:
+        raise UntrustedData(f"manifest: line {lineno}: duplicate entry {_show(name)}")
+    parent, slash, _ = name.rpartition(b"/")
+    if slash and kinds.get(parent) != "Dir":
+        raise UntrustedData(f"manifest: line {lineno}: {_show(name)} is not inside a directory listed before it")
+    rest = fields[2:]
+    mtime = None
+    if inline:
+        if not rest:
+            raise UntrustedData(f"manifest: line {lineno}: missing mtime")
+        mtime = _number(rest.pop(0), "mtime", MAX_MTIME)
+    if kind == b"d":
+        if rest:
+            raise UntrustedData(f"manifest: line {lineno}: extra fields after a directory")
+        return Dir(name, mtime)
+    if kind == b"l":
+        if len(rest) != 1:
+            raise UntrustedData(f"manifest: line {lineno}: a symlink needs exactly one target")
+        target = unescape(rest[0], "symlink target")
+        problem = symlink_problem(name, target)
+        if problem:
+            raise UntrustedData(f"manifest: line {lineno}: {_show(name)}: {problem}: {_show(target)}")
+        return Symlink(name, target, mtime)
+    if not rest:
+        raise UntrustedData(f"manifest: line {lineno}: a file needs a size")
+    size = _number(rest[0], "size")
+    if size == 0:
+        if len(rest) != 1:
+            raise UntrustedData(f"manifest: line {lineno}: an empty file has no extents")
+        return File(name, 0, 0, b"", mtime)
+    if len(rest) < 3:
+        raise UntrustedData(f"manifest: line {lineno}: a file of {size} bytes needs a block size and extents")
+    blksize = _number(rest[1], "block size", MAX_BLKSIZE)
+    if blksize < MIN_BLKSIZE or blksize & (blksize - 1):
+        raise UntrustedData(f"manifest: line {lineno}: block size {blksize} is not a power of two in 512..65536")
+    extents = rest[2]
+    if extents.startswith(b" ") or extents.endswith(b" ") or b"  " in extents:
+        raise UntrustedData(f"manifest: line {lineno}: empty field (leading, trailing or double space)")
+    return File(name, size, blksize, extents, mtime)
+
+
+def _runs(entry: File, disk_size: int) -> Iterator[Run]:
+    bs = entry.blksize
+    left = entry.size
+    pending: Run | None = None
+    for match in re.finditer(rb"[^ ]+", entry.extents):
+        token = match.group()
+        m = _EXTENT.fullmatch(token)
+        if not m:
+            raise UntrustedData(f"manifest: {_show(entry.name)}: bad extent {_show(token)}")
+        startblk = int(m.group(1))
+        startoff = int(m.group(2) or 0)
+        endblk = int(m.group(3)) if m.group(3) is not None else startblk
+        endoff = int(m.group(4)) if m.group(4) is not None else bs - 1
+        if startoff >= bs or endoff >= bs:
+            raise UntrustedData(f"manifest: {_show(entry.name)}: extent offset beyond its block {_show(token)}")
+        start = startblk * bs + startoff
+        length = endblk * bs + endoff + 1 - start
+        if length <= 0:
+            raise UntrustedData(f"manifest: {_show(entry.name)}: extent ends before it starts {_show(token)}")
+        if left <= 0:
+            raise UntrustedData(f"manifest: {_show(entry.name)}: extent beyond the file size {_show(token)}")
+        length = min(length, left)  # like extractbuild: the last extent may overshoot the size
+        left -= length
+        if start == 0:
+            run = Run(None, length)
+        else:
+            if start + length > disk_size:
+                raise UntrustedData(
+                    f"manifest: {_show(entry.name)}: extent {_show(token)} is outside the disk ({disk_size} bytes)"
+                )
+            run = Run(start, length)
+        if pending is None:
+            pending = run
+        elif pending.offset is None and run.offset is None:
+            pending = Run(None, pending.length + run.length)
+        elif (
+            pending.offset is not None
+            and run.offset is not None
+            and pending.offset + pending.length == run.offset
+        ):
+            pending = Run(pending.offset, pending.length + run.length)
+        else:
+            yield pending
+            pending = run
+    if left != 0:
+        raise UntrustedData(f"manifest: {_show(entry.name)}: extents cover {entry.size - left} of {entry.size} bytes")
+    if pending is not None:
+        yield pending
