@@ -547,8 +547,8 @@ class EbsVolume(Volume):
                 self.ctx.api.call(
                     "detach_volume",
                     VolumeId=self.volume_id,
+                    InstanceId=att["InstanceId"],
                     Force=force,
-                    eventual=("IncorrectState",),
                     missing_ok=("IncorrectState", "InvalidAttachment.NotFound"),
                 )
                 log.info("volume detaching", force=force)
@@ -839,7 +839,12 @@ class Ec2Backend(Backend):
                 return None
             instance_id = str(sorted(free, key=lambda i: str(i["InstanceId"]))[0]["InstanceId"])
             self.api.must("create_tags", Resources=[instance_id], Tags=ec2_tags(self._tags(slot, "builder")))
-        self.api.must("modify_instance_attribute", InstanceId=instance_id, UserData={"Value": hook.encode()})
+        # unlike RunInstances, ModifyInstanceAttribute wants the user data base64-encoded by the caller
+        self.api.must(
+            "modify_instance_attribute",
+            InstanceId=instance_id,
+            UserData={"Value": base64.b64encode(hook.encode())},
+        )
         log.info("builder claimed from the pool", builder=instance_id)
         return instance_id
 
@@ -1114,10 +1119,15 @@ class Ec2GcAdapter(GcAdapter):
         elif resource.kind == "volume":
             result = self.api.call("describe_volumes", VolumeIds=[resource.id], missing_ok=NOT_FOUND)
             volumes = (result or {}).get("Volumes", [])
-            if volumes and volumes[0].get("Attachments"):
+            for att in volumes[0].get("Attachments", []) if volumes else []:
                 self.api.call(
-                    "detach_volume", VolumeId=resource.id, Force=True, missing_ok=("IncorrectState",)
+                    "detach_volume",
+                    VolumeId=resource.id,
+                    InstanceId=att["InstanceId"],
+                    Force=True,
+                    missing_ok=("IncorrectState", "InvalidAttachment.NotFound"),
                 )
+            if volumes and volumes[0].get("Attachments"):
                 self._wait(lambda: self._volume_available(resource.id), f"volume {resource.id} to detach")
             self.api.call("delete_volume", VolumeId=resource.id, missing_ok=NOT_FOUND)
         else:
