@@ -1,0 +1,262 @@
+"""`--vm-type openstack`: builds on OpenStack, with Cinder volumes as root and swap (openstacksdk).
+
+    worker (a server)                          builder (a server per build)
+    create root+swap volumes (Cinder, tagged)
+    attach root here (Nova), mkfs, stage, detach
+                               boot from the builder image with root+swap as block devices,
+                               user-data runs the guest agent, which powers the server off
+    console streamed into the build log                       delete the server
+    attach swap+root here, status, extract, detach, delete the volumes
+
+The pieces live beside this file: `openstack_api` (connection, retries, errors, worker id),
+`openstack_volume` (CinderVolume), `openstack_server` (the builder server and its boot hook),
+`openstack_console` (console streaming). This module is the Backend and the GC adapter; the
+policy above them (phases, cleanup, exit codes, seen-twice GC) is not here, it is the same for
+every cloud. docs/openstack.md is the operator's guide.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
+from cloudbuild.cloud.common import Resource, build_tags, format_time, is_cloudbuild_tagged, lease_expiry
+from cloudbuild.cloud.openstack_api import Api, AttachHealth, Timeouts, connect, worker_server_id
+from cloudbuild.cloud.openstack_server import Builder, choose_flavor, user_data
+from cloudbuild.cloud.openstack_volume import CinderVolume
+from cloudbuild.disk.mkfs import mount_options
+from cloudbuild.errors import InfraError, UsageError
+from cloudbuild.log import bound, get_logger
+from cloudbuild.options import VmOptions
+from cloudbuild.volume import TAG_GC_SEEN, Role, VolumePair
+
+__all__ = ["CinderVolume", "OpenStackBackend", "OpenStackGc", "gc_adapter"]
+
+log = get_logger(__name__)
+
+
+def _volume_ref(value: str | None) -> str | None:
+    """obs-build passes volume names as --vm-disk/--vm-swap for OpenStack; a path is not one."""
+    if value is None or "/" in value:
+        return None
+    return value
+
+
+@register
+class OpenStackBackend(Backend):
+    name = "openstack"
+    channel = "swap"
+
+    def __init__(
+        self,
+        options: VmOptions,
+        *,
+        api: Api | None = None,
+        timeouts: Timeouts | None = None,
+        dev_root: Path = Path("/dev"),
+        state_dir: Path | None = None,
+        metadata_url: str | None = None,
+    ):
+        super().__init__(options)
+        self._api = api
+        self._timeouts = timeouts
+        self.dev_root = dev_root
+        self.state_dir = state_dir
+        self.metadata_url = metadata_url
+        self.builder: Builder | None = None
+        self._flavor: str | None = None
+        self._image: str | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+    @property
+    def api(self) -> Api:
+        if self._api is None:
+            self._api = Api(connect(), timeouts=self._timeouts)
+        return self._api
+
+    @cached_property
+    def worker(self) -> str:
+        """This worker's server id (`--vm-server`, else the metadata service)."""
+        return worker_server_id(self.options.vm_server, url=self.metadata_url)
+
+    @cached_property
+    def health(self) -> AttachHealth:
+        return AttachHealth(self.worker, self.state_dir)
+
+    def verify(self) -> None:
+        o = self.options
+        if not o.vm_kernel:
+            raise UsageError(
+                "--vm-type openstack needs the builder image: --vm-kernel IMAGE (name or id; "
+                "see docs/openstack.md)"
+            )
+        if o.openstack_network is None:
+            log.info("builder gets no network (pass --openstack-network NET to give it one)")
+        worker = self.worker
+        compute = self.api.conn.compute
+        server = self.api.find(f"get worker server {worker}", lambda: compute.get_server(worker))
+        if server is None:
+            raise UsageError(
+                f"worker server {worker} does not exist in this project: check --vm-server or the "
+                "cloud the credentials point at (OS_CLOUD)"
+            )
+        image_ref = o.vm_kernel
+        image = self.api.call(
+            f"find builder image {image_ref}",
+            lambda: self.api.conn.image.find_image(image_ref, ignore_missing=True),
+        )
+        if image is None:
+            raise UsageError(f"--vm-kernel: no image named or with id '{image_ref}' (the builder image)")
+        self._image = str(image.id)
+        self._flavor = self._choose_flavor()
+        log.info("openstack verified", worker=worker, image=self._image, flavor=self._flavor)
+
+    def _choose_flavor(self) -> str:
+        o = self.options
+        compute = self.api.conn.compute
+        if o.openstack_flavor:
+            ref = o.openstack_flavor
+            flavor = self.api.call(
+                f"find flavor {ref}", lambda: compute.find_flavor(ref, ignore_missing=True)
+            )
+            if flavor is None:
+                raise UsageError(f"--openstack-flavor: no flavor named or with id '{ref}'")
+            return str(flavor.id)
+        flavors = self.api.call("list flavors", lambda: list(compute.flavors(details=True)))
+        choice = choose_flavor(flavors, memory_mib=o.vm_memory, vcpus=o.jobs)
+        log.info("flavor chosen", flavor=choice.name, vcpus=choice.vcpus, ram=choice.ram)
+        return choice.id
+
+    def volumes(self, slot: BuildSlot) -> VolumePair:
+        o = self.options
+        expires = lease_expiry(o.build_timeout)
+        root_ref = o.vm_volume_root or _volume_ref(o.vm_image)
+        swap_ref = o.vm_volume_swap if o.vm_volume_root else _volume_ref(o.vm_swap)
+
+        def make(role: Role, size_mib: int, ref: str | None) -> CinderVolume:
+            tags = build_tags(
+                owner=self.worker, build=slot.build_id, slot=slot.slot, expires=expires, role=role.value
+            )
+            return CinderVolume(
+                self.api,
+                role,
+                size_mib,
+                worker=self.worker,
+                name=f"cloudbuild-{slot.build_id}-{slot.slot}-{role}",
+                owned=ref is None,
+                ref=ref,
+                tags=tags,
+                dev_root=self.dev_root,
+                health=self.health,
+            )
+
+        return VolumePair(make(Role.ROOT, o.disk_size, root_ref), make(Role.SWAP, o.swap_size, swap_ref))
+
+    # -- the build machine ---------------------------------------------------------------------
+    def boot_and_wait(
+        self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
+    ) -> BootResult:
+        if self._image is None or self._flavor is None:
+            raise InfraError("openstack backend: boot before verify")
+        if pair.swap is None:
+            raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
+        o = self.options
+        builder = self.builder = Builder(self.api, name=f"cloudbuild-{slot.build_id}-{slot.slot}")
+        tags = build_tags(
+            owner=self.worker,
+            build=slot.build_id,
+            slot=slot.slot,
+            expires=lease_expiry(o.build_timeout),
+            role="builder",
+        )
+        script = user_data(
+            root_id=pair.root.id,
+            swap_id=pair.swap.id,
+            fstype=o.filesystem,
+            mount_options=mount_options(o.filesystem, o.mount_options),
+        )
+        try:
+            builder.create(
+                image=self._image,
+                flavor=self._flavor,
+                network=o.openstack_network,
+                volumes=[pair.root.id, pair.swap.id],
+                metadata=tags,
+                script=script,
+            )
+            with bound(server=builder.id):
+                return builder.run(timeout=timeout, console=console)
+        finally:
+            # the volumes are only free once the server is gone: delete it on every path
+            builder.delete()
+
+    def kill(self) -> None:
+        if self.builder is not None:
+            self.builder.kill()
+
+    def cleanup(self) -> None:
+        if self.builder is not None:
+            self.builder.delete()
+
+
+class OpenStackGc:
+    """The GC adapter (cloudbuild.cloud.common.GcAdapter): servers and volumes cloudbuild tagged."""
+
+    SERVER_ORDER = 0  # servers first: deleting one releases the volumes it holds
+    VOLUME_ORDER = 1
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def list_resources(self) -> Iterable[Resource]:
+        compute, storage = self.api.conn.compute, self.api.conn.block_storage
+        servers = self.api.call("list servers", lambda: list(compute.servers(details=True)))
+        volumes = self.api.call("list volumes", lambda: list(storage.volumes(details=True)))
+        resources = [
+            Resource("server", str(s.id), dict(s.metadata or {}), self.SERVER_ORDER)
+            for s in servers
+            if is_cloudbuild_tagged(s.metadata or {}) and s.status not in ("DELETED", "SOFT_DELETED")
+        ]
+        resources += [
+            Resource("volume", str(v.id), dict(v.metadata or {}), self.VOLUME_ORDER)
+            for v in volumes
+            if is_cloudbuild_tagged(v.metadata or {}) and v.status != "deleting"
+        ]
+        return resources
+
+    def owner_alive(self, owner: str) -> bool:
+        compute = self.api.conn.compute
+        server = self.api.find(f"get server {owner}", lambda: compute.get_server(owner))
+        return server is not None and server.status not in ("DELETED", "SOFT_DELETED")
+
+    def tag_seen(self, resource: Resource, when: dt.datetime | None) -> None:
+        compute, storage = self.api.conn.compute, self.api.conn.block_storage
+        what = f"mark {resource.kind} {resource.id}"
+        if when is not None:
+            stamp = {TAG_GC_SEEN: format_time(when)}
+            if resource.kind == "server":
+                self.api.find(what, lambda: compute.set_server_metadata(resource.id, **stamp))
+            else:
+                self.api.find(what, lambda: storage.set_volume_metadata(resource.id, **stamp))
+        elif resource.kind == "server":
+            self.api.find(what, lambda: compute.delete_server_metadata(resource.id, [TAG_GC_SEEN]))
+        else:
+            self.api.find(what, lambda: storage.delete_volume_metadata(resource.id, keys=[TAG_GC_SEEN]))
+
+    def delete_resource(self, resource: Resource) -> None:
+        if resource.kind == "server":
+            builder = Builder(self.api, name=resource.id)
+            builder.id = resource.id
+            builder.delete()
+            return
+        volume = CinderVolume.existing(self.api, resource.id)
+        volume.detach()
+        volume.delete()
+
+
+def gc_adapter(*, api: Api | None = None) -> OpenStackGc:
+    """`cloudbuild gc --vm-type openstack`: the adapter over the cloud of OS_CLOUD / OS_*."""
+    return OpenStackGc(api or Api(connect()))

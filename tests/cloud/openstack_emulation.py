@@ -1,0 +1,131 @@
+"""The worker host around the fake OpenStack: image files for volumes, udev, and a builder.
+
+`Emulation(fake, tmp_path)` extends a started `tests.fakes.openstack.FakeOpenStack` (without
+changing the fake itself) so that the real backend code runs end to end on one machine:
+
+- every Cinder volume is an image file (`images/<volume id>.img`, sparse, of the volume's size);
+- "udev": while a volume is attached to the worker server, `dev/disk/by-id/virtio-<id[:20]>`
+  under `dev_root` is a symlink to its image file, gone again when it is detached;
+- the builder: when a builder server goes ACTIVE, `guest(server_id, disks)` runs in a thread with
+  the image files of the server's volumes in boot order (root, swap) and then the server powers
+  off (`fake.power_off`), as a builder's guest agent does. `guest` may be a scripted guest
+  (`scripted_guest`) or the local qemu backend booting the image files.
+- `tagged()`: cloudbuild-tagged servers and volumes still in the cloud (the leak check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloudbuild.disk import buildstatus
+from tests.fakes.openstack import Bdm, FakeOpenStack, FakeServer, FakeVolume
+
+GIB = 1024 * 1024 * 1024
+
+Guest = Callable[[str, list[Path], "Emulation"], str]
+"""A builder's life: gets the server id and its disks (root, swap), returns console text."""
+
+
+def scripted_guest(status: int = 0, console: str = "building...\nBUILDSTATUS written\n") -> Guest:
+    """A guest that writes BUILDSTATUS<status> on swap and says `console`."""
+
+    def run(server_id: str, disks: list[Path], emu: Emulation) -> str:
+        buildstatus.write(disks[1], status)
+        return console
+
+    return run
+
+
+@dataclass
+class Emulation:
+    fake: FakeOpenStack
+    base: Path
+    guest: Guest | None = None
+    errors: list[str] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    booted: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.images = self.base / "images"
+        self.dev_root = self.base / "dev"
+        self.images.mkdir(parents=True, exist_ok=True)
+        (self.dev_root / "disk" / "by-id").mkdir(parents=True, exist_ok=True)
+        cloud = self.fake.cloud
+        create_volume, mark_attached = cloud.create_volume, cloud._mark_attached
+        mark_detached, boot_done = cloud._mark_detached, cloud._boot_done
+
+        def on_create_volume(**kwargs: Any) -> FakeVolume:
+            vol = create_volume(**kwargs)
+            with open(self.image(vol.id), "wb") as f:
+                f.truncate(vol.size * GIB)
+            return vol
+
+        def on_attached(server: FakeServer, vol: FakeVolume, bdm: Bdm) -> None:
+            mark_attached(server, vol, bdm)
+            if server.id == self.fake.worker_server_id:
+                link = self.link(vol.id)
+                with contextlib.suppress(FileNotFoundError):
+                    link.unlink()
+                link.symlink_to(self.image(vol.id))
+
+        def on_detached(server: FakeServer, vol: FakeVolume) -> None:
+            mark_detached(server, vol)
+            if server.id == self.fake.worker_server_id:
+                with contextlib.suppress(FileNotFoundError):
+                    self.link(vol.id).unlink()
+
+        def on_boot_done(server: FakeServer) -> None:
+            boot_done(server)
+            if server.id != self.fake.worker_server_id and self.guest is not None:
+                disks = [self.image(b.volume_id) for b in server.bdms]
+                thread = threading.Thread(target=self._run_guest, args=(server.id, disks), daemon=True)
+                self.threads.append(thread)
+                thread.start()
+
+        cloud.create_volume = on_create_volume  # type: ignore[method-assign]
+        cloud._mark_attached = on_attached  # type: ignore[method-assign]
+        cloud._mark_detached = on_detached  # type: ignore[method-assign]
+        cloud._boot_done = on_boot_done  # type: ignore[method-assign]
+
+    def image(self, volume_id: str) -> Path:
+        return self.images / f"{volume_id}.img"
+
+    def link(self, volume_id: str) -> Path:
+        return self.dev_root / "disk" / "by-id" / f"virtio-{volume_id[:20]}"
+
+    def _run_guest(self, server_id: str, disks: list[Path]) -> None:
+        assert self.guest is not None
+        self.booted.append(server_id)
+        console = ""
+        try:
+            console = self.guest(server_id, disks, self)
+        except Exception:
+            self.errors.append(traceback.format_exc())
+            console = "guest crashed\n"
+        with contextlib.suppress(Exception):  # the server may have been deleted meanwhile
+            self.fake.power_off(server_id, console)
+
+    def join(self, timeout: float = 60.0) -> None:
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def tagged(self) -> dict[str, list[str]]:
+        """Servers and volumes that carry cloudbuild's tags: after a build there must be none."""
+        with self.fake._lock:
+            servers = [s.id for s in self.fake.cloud.servers.values() if _tagged(s.metadata)]
+            volumes = [v.id for v in self.fake.cloud.volumes.values() if _tagged(v.metadata)]
+        return {"servers": servers, "volumes": volumes}
+
+    def attached_here(self) -> list[str]:
+        return sorted(os.listdir(self.dev_root / "disk" / "by-id"))
+
+
+def _tagged(metadata: dict[str, str]) -> bool:
+    return "cloudbuild:owner" in metadata or "cloudbuild:build" in metadata
