@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import openstack
 import openstack.connection
@@ -315,6 +316,30 @@ def test_wait_for_delete_accepts_the_deleted_status(openstack_fake: FakeOpenStac
     assert openstack_fake.resources()["servers"] == [server.id]  # DELETED, one more GET removes it
 
 
+def test_server_can_stick_in_build_until_released(openstack_fake: FakeOpenStack,
+                                                   openstack_conn: Conn) -> None:
+    root = _available_volume(openstack_conn)
+    server = openstack_conn.compute.create_server(name="b", flavor_id="2", networks="none", block_device_mapping=[
+        {"boot_index": 0, "uuid": root.id, "source_type": "volume", "destination_type": "volume"}])
+    openstack_fake.stick_server(server.id, "BUILD")
+    with pytest.raises(os_exceptions.ResourceTimeout):
+        openstack_conn.compute.wait_for_server(server, interval=0.01, wait=0.2)
+    openstack_fake.release_server(server.id)
+    assert openstack_conn.compute.wait_for_server(server, **FAST).status == "ACTIVE"
+
+
+def test_concurrent_clients_see_consistent_state(openstack_fake: FakeOpenStack, openstack_conn: Conn) -> None:
+    def make_and_attach(i: int) -> str:
+        conn = openstack.connect(**openstack_fake.connect_kwargs())
+        vol = _available_volume(conn, name=f"v{i}")
+        conn.compute.create_volume_attachment(openstack_fake.worker_server_id, vol)
+        return conn.block_storage.wait_for_status(vol, "in-use", **FAST).attachments[0]["device"]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        devices = list(pool.map(make_and_attach, range(6)))
+    assert sorted(devices) == [f"/dev/vd{c}" for c in "bcdefg"]  # no device handed out twice
+
+
 def test_server_error_hook_fails_the_wait(openstack_fake: FakeOpenStack, openstack_conn: Conn) -> None:
     server = openstack_conn.compute.create_server(name="b", flavor_id="2", networks="none", image_id=(
         openstack_conn.image.find_image("cirros").id))
@@ -456,8 +481,8 @@ def test_unknown_endpoints_answer_501_and_are_recorded(openstack_fake: FakeOpenS
     with pytest.raises(os_exceptions.HttpException) as err:
         openstack_conn.compute.reboot_server(openstack_fake.worker_server_id, "SOFT")
     assert err.value.status_code == 501
-    assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in openstack_fake.unknown_calls] == [
-        ("GET", "os-hypervisors"), ("POST", "action")]
+    assert [(c.method, c.path.rsplit("/", 1)[-1], c.detail) for c in openstack_fake.unknown_calls] == [
+        ("GET", "os-hypervisors", "no such endpoint"), ("POST", "action", "server action 'reboot'")]
     openstack_fake.unknown_calls.clear()  # expected here; the fixture fails any other test with some
 
 

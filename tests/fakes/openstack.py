@@ -119,6 +119,14 @@ class Call(NamedTuple):
     status: int | None
 
 
+class Unknown(NamedTuple):
+    """A request the fake does not implement, and what exactly it lacked (an action, a filter...)."""
+
+    method: str
+    path: str
+    detail: str
+
+
 @dataclass
 class Fault:
     """An injected failure for requests whose method and path (regex, ``re.search``) match."""
@@ -173,11 +181,12 @@ class Lifecycle:
     def __init__(self) -> None:
         self._steps: list[Step] = []
         self._seen = 0
-        # Statuses this resource may enter but not leave (test hook), and one-shot overrides.
+        # States this resource may enter but not leave (the stick_* test hooks).
         self.stuck_in: set[str] = set()
 
     @property
-    def state_label(self) -> str:
+    def state_labels(self) -> set[str]:
+        """The names a test can stick this resource by (status, and task state where there is one)."""
         raise NotImplementedError
 
     def begin(self, *steps: Step) -> None:
@@ -192,7 +201,7 @@ class Lifecycle:
         self._seen = 0
 
     def before_get(self, lag: int) -> None:
-        if self._steps and self._seen >= lag and self.state_label not in self.stuck_in:
+        if self._steps and self._seen >= lag and not self.state_labels & self.stuck_in:
             self._steps.pop(0)()
             self._seen = 0
 
@@ -232,8 +241,8 @@ class FakeVolume(Lifecycle):
         self.fail_next_attach = False
 
     @property
-    def state_label(self) -> str:
-        return self.status
+    def state_labels(self) -> set[str]:
+        return {self.status}
 
     def set_status(self, status: str) -> None:
         self.status = status
@@ -268,8 +277,8 @@ class FakeServer(Lifecycle):
         self.launched_at: datetime | None = None
 
     @property
-    def state_label(self) -> str:
-        return self.task_state or self.status
+    def state_labels(self) -> set[str]:
+        return {self.status, self.task_state} if self.task_state else {self.status}
 
     def set_state(self, status: str, vm_state: str, task_state: str | None, power_state: int) -> None:
         self.status, self.vm_state, self.task_state, self.power_state = (
@@ -1308,7 +1317,7 @@ class FakeOpenStack:
         self.cloud = Cloud(lag=lag, quotas=quotas or Quotas(), flavors=flavors, images=images,
                            availability_zones=availability_zones, volume_types=volume_types)
         self.calls: list[Call] = []
-        self.unknown_calls: list[Call] = []
+        self.unknown_calls: list[Unknown] = []
         self.faults: list[Fault] = []
         self._lock = threading.RLock()
         self._http: _HttpServer | None = None
@@ -1429,7 +1438,7 @@ class FakeOpenStack:
             return reply
 
     def _unknown(self, method: str, path: str, what: str) -> Reply:
-        self.unknown_calls.append(Call(method, path, 501))
+        self.unknown_calls.append(Unknown(method, path, what or "no such endpoint"))
         return Reply(501, {"notImplemented": {"code": 501,
                                               "message": f"fake OpenStack does not implement {method} {path}"
                                                          f"{': ' + what if what else ''}"}})
@@ -1543,6 +1552,16 @@ class FakeOpenStack:
         """The server is gone (deleted behind our back): 404 from now on, its volumes available."""
         with self._lock:
             self.cloud.vanish_server(self.cloud.server(server_id))
+
+    def stick_server(self, server_id: str, state: str) -> None:
+        """The server will not leave ``state``: a status ("BUILD") or a task state ("powering-off",
+        "deleting"), until released."""
+        with self._lock:
+            self.cloud.server(server_id).stuck_in.add(state)
+
+    def release_server(self, server_id: str) -> None:
+        with self._lock:
+            self.cloud.server(server_id).stuck_in.clear()
 
     def stick_volume(self, volume_id: str, status: str) -> None:
         """The volume will not leave ``status`` (e.g. "attaching", "detaching") until released."""
