@@ -23,6 +23,7 @@ def openstack_fake() -> Iterator[FakeOpenStack]:
     """A started fake cloud; fails the test afterwards if any call hit an endpoint it does not know."""
     with FakeOpenStack() as fake:
         yield fake
+        assert not fake.internal_errors, "the fake OpenStack crashed:\n" + "\n".join(fake.internal_errors)
         assert not fake.unknown_calls, (
             f"calls the fake OpenStack does not implement: {fake.unknown_calls}; implement them in "
             "tests/fakes/openstack.py or clear fake.unknown_calls in a test that expects them")

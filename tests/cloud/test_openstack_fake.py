@@ -505,3 +505,13 @@ def test_fake_binds_loopback_and_stops_cleanly() -> None:
         list(conn.compute.flavors())  # leaves a keep-alive connection open
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
         pass
+
+
+def test_a_crash_inside_the_fake_answers_500_and_is_kept(openstack_fake: FakeOpenStack, openstack_conn: Conn,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openstack_fake.cloud, "flavors", None)  # sabotage: iterating None raises
+    with pytest.raises(os_exceptions.HttpException) as err:
+        list(openstack_conn.compute.flavors())
+    assert err.value.status_code == 500
+    assert "TypeError" in openstack_fake.internal_errors[0]
+    openstack_fake.internal_errors.clear()  # expected here; the fixture fails any other test with some

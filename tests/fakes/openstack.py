@@ -8,13 +8,21 @@ metadata service (``/openstack/latest/meta_data.json``) that tells a worker its 
 How resources change state: every transitional status (volume ``creating``, ``attaching``,
 ``detaching``, ``deleting``; server ``BUILD``, ``powering-off``, ``powering-on``, ``deleting``,
 ``DELETED``) is seen by ``lag`` GETs of *that one resource* (``GET /servers/{id}``,
-``GET /volumes/{id}``) and then advances one step. Lists never advance anything, so a client that
-only lists never sees progress, as with a real cloud that is merely slow. ``lag=0`` makes every
-transition complete on the next GET.
+``GET /volumes/{id}``) and then advances one step. Lists never advance anything: poll the resource
+itself (openstacksdk's ``wait_for_*`` do) or call ``settle()``. ``lag=0`` makes every transition
+complete on the next GET.
 
 Anything the fake does not know answers 501 naming the method and path and is kept in
-``unknown_calls``; the pytest fixture fails the test if any were made. The fake must never
-silently pretend to support a call that it does not.
+``unknown_calls``; a crash inside the fake answers 500 and is kept in ``internal_errors``. The
+pytest fixture fails the test if either list is not empty: the fake must never silently pretend
+to support a call that it does not.
+
+Quick start (see tests/cloud/openstack_fixtures.py for the pytest fixtures)::
+
+    with FakeOpenStack() as fake:
+        conn = openstack.connect(**fake.connect_kwargs())
+        vol = conn.block_storage.create_volume(size=1)
+        conn.block_storage.wait_for_status(vol, "available", interval=0.01, wait=5)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import re
 import socket
 import struct
 import threading
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -369,12 +378,6 @@ class Cloud:
             return self.volumes[volume_id]
         except KeyError:
             raise fault(404, f"Volume {volume_id} could not be found.") from None
-
-    def flavor(self, ref: str) -> Flavor:
-        for f in self.flavors:
-            if ref in (f.id, f.name):
-                return f
-        raise fault(404, f"Flavor {ref} could not be found.")
 
     # -- volumes -------------------------------------------------------------------------------
     def create_volume(self, *, name: str, size: int, volume_type: str, availability_zone: str,
@@ -1278,6 +1281,11 @@ class _RequestHandler(BaseHTTPRequestHandler):
         pass  # the fake keeps its own call log; stderr noise would only hide test output
 
     def _serve(self) -> None:
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            # Unread chunks would be parsed as the next request; no OpenStack client sends them.
+            self.close_connection = True
+            self.send_error(501, "fake OpenStack: chunked request bodies are not supported")
+            return
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         reply = self.server.fake.dispatch(self.command, self.path, dict(self.headers.items()), raw)
@@ -1318,6 +1326,7 @@ class FakeOpenStack:
                            availability_zones=availability_zones, volume_types=volume_types)
         self.calls: list[Call] = []
         self.unknown_calls: list[Unknown] = []
+        self.internal_errors: list[str] = []  # tracebacks of bugs in the fake itself
         self.faults: list[Fault] = []
         self._lock = threading.RLock()
         self._http: _HttpServer | None = None
@@ -1433,6 +1442,9 @@ class FakeOpenStack:
                 reply = Reply(err.status, err.body, err.headers)
             except UnknownCall as err:
                 reply = self._unknown(method, path, str(err))
+            except Exception as err:  # a bug in the fake: answer and keep it rather than drop the socket
+                self.internal_errors.append(traceback.format_exc())
+                reply = Reply(500, fault(500, f"fake OpenStack crashed on {method} {path}: {err!r}").body)
             self.calls.append(Call(method, path, reply.status))
             reply.headers.setdefault("x-openstack-request-id", f"req-{uuid.uuid4()}")
             return reply
