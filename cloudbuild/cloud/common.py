@@ -5,7 +5,10 @@ cloudbuild tagged, says whether a worker is still alive, stamps a resource as "s
 one. The decisions live here, so every cloud sweeps the same way:
 
 - A resource is *leaked* when its owner (the worker instance named by `cloudbuild:owner`) is gone
-  or terminated, or when its lease (`cloudbuild:expires`, RFC 3339 UTC) has passed.
+  or terminated, or when its lease (`cloudbuild:expires`, RFC 3339 UTC) has passed, or (when the
+  sweep runs on the owner itself) when no process on this worker runs its build any more: a build
+  holds an `fcntl` lock (`BuildLocks`) from before it creates anything until its cleanup, and the
+  kernel drops the lock when the process dies, even by SIGKILL.
 - A leaked resource is deleted only when it was seen leaked twice: the first sweep stamps it with
   `cloudbuild:gc-seen` = now, a later sweep at least `min_age` seconds after that deletes it
   (nodepool's rule: a resource created a moment ago may not be visible with all its tags yet, and
@@ -19,9 +22,13 @@ The adapter interface (`GcAdapter`) is the contract; `sweep()` is the policy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable, Iterable, Mapping
+import fcntl
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from cloudbuild.log import get_logger
@@ -39,6 +46,7 @@ __all__ = [
     "TAG_POOL",
     "TAG_ROLE",
     "TAG_SLOT",
+    "BuildLocks",
     "GcAdapter",
     "GcReport",
     "Resource",
@@ -169,8 +177,73 @@ class GcAdapter(Protocol):
         """Delete (terminate, deregister) the resource and wait until it no longer blocks others."""
         ...
 
+    # Optional (looked up with getattr, so an adapter may leave it out):
+    # def build_alive(self, resource: Resource) -> bool | None:
+    #     """Whether the build named by the resource still runs on its owner; None: cannot tell here.
+    #     Adapters answer it with `BuildLocks.alive` when the sweep runs on the owner itself."""
 
-def leak_reason(resource: Resource, *, now: dt.datetime, owner_alive: Callable[[str], bool]) -> str | None:
+
+class BuildLocks:
+    """One lock file per running build on a worker (`<dir>/build-<id>.lock`), held by the build
+    process with `flock`: the kernel releases it when the process exits or is killed, so a sweep on
+    the same worker can tell a crashed build's resources from a running build's."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def _path(self, build_id: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in build_id)
+        return self.directory / f"build-{safe}.lock"
+
+    @contextlib.contextmanager
+    def hold(self, build_id: str) -> Iterator[None]:
+        fd = self.acquire(build_id)
+        try:
+            yield
+        finally:
+            self.release(build_id, fd)
+
+    def acquire(self, build_id: str) -> int:
+        """Take the build's lock (non-blocking: a second holder of the same build id is a bug)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path(build_id), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd
+
+    def release(self, build_id: str, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            self._path(build_id).unlink()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def alive(self, build_id: str) -> bool:
+        """True while some process on this host holds the build's lock."""
+        try:
+            fd = os.open(self._path(build_id), os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
+
+def leak_reason(
+    resource: Resource,
+    *,
+    now: dt.datetime,
+    owner_alive: Callable[[str], bool],
+    build_alive: Callable[[Resource], bool | None] | None = None,
+) -> str | None:
     """Why the resource is leaked ("owner i-1 gone", "lease expired at ..."), or None when it is not."""
     expires_text = resource.tags.get(TAG_EXPIRES)
     expires = parse_time(expires_text)
@@ -184,6 +257,8 @@ def leak_reason(resource: Resource, *, now: dt.datetime, owner_alive: Callable[[
         return None
     if not owner_alive(owner):
         return f"owner {owner} is gone"
+    if build_alive is not None and resource.tags.get(TAG_BUILD) and build_alive(resource) is False:
+        return f"build {resource.tags[TAG_BUILD]} no longer runs on its worker {owner}"
     return None
 
 
@@ -223,6 +298,7 @@ def sweep(
             alive[owner] = adapter.owner_alive(owner)
         return alive[owner]
 
+    build_alive: Callable[[Resource], bool | None] | None = getattr(adapter, "build_alive", None)
     resources = sorted(adapter.list_resources(), key=lambda r: r.order)
     for resource in resources:
         rlog = log.bind(resource=resource.id, kind=resource.kind, dry_run=dry_run)
@@ -230,7 +306,7 @@ def sweep(
             report.ignored.append(resource.id)
             rlog.debug("gc ignores untagged resource")
             continue
-        reason = leak_reason(resource, now=when, owner_alive=owner_alive)
+        reason = leak_reason(resource, now=when, owner_alive=owner_alive, build_alive=build_alive)
         seen_text = resource.tags.get(TAG_GC_SEEN)
         seen = parse_time(seen_text)
         if reason is None:

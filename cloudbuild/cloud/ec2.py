@@ -38,6 +38,7 @@ from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReas
 from cloudbuild.cloud.common import (
     TAG_GC_SEEN,
     TAG_POOL,
+    BuildLocks,
     GcAdapter,
     Resource,
     build_tags,
@@ -246,6 +247,10 @@ class Ec2Context:
     @property
     def health_file(self) -> Path:
         return self.state_dir / "attach-failures.json"
+
+    @property
+    def build_locks(self) -> BuildLocks:
+        return BuildLocks(self.state_dir / "builds")
 
 
 class AttachHealth:
@@ -707,13 +712,14 @@ class Ec2Backend(Backend):
         self._api = api
         self._identity = identity
         self._paths = paths or HostPaths()
-        self._state_dir = state_dir or Path(os.environ.get("CLOUDBUILD_EC2_STATE_DIR", DEFAULT_STATE_DIR))
+        self._state_dir = state_dir or state_dir_from_env()
         self._limits = limits or Ec2Limits()
         self._ctx: Ec2Context | None = None
         self.builder: str | None = None  # instance id of the current builder
         self._builder_from_pool = False
         self._builder_lost = False
         self._slot: BuildSlot | None = None
+        self._build_lock: int | None = None
 
     @property
     def ctx(self) -> Ec2Context:
@@ -766,6 +772,9 @@ class Ec2Backend(Backend):
     def volumes(self, slot: BuildSlot) -> VolumePair:
         o = self.options
         self._slot = slot
+        if self._build_lock is None:
+            # held until cleanup(): `cloudbuild gc` on this worker sweeps a build whose process died
+            self._build_lock = self.ctx.build_locks.acquire(slot.build_id)
         if o.vm_volume_root:
             return VolumePair(
                 EbsVolume(self.ctx, Role.ROOT, o.disk_size, volume_id=o.vm_volume_root, owned=False),
@@ -975,6 +984,14 @@ class Ec2Backend(Backend):
 
     def cleanup(self) -> None:
         """Terminate the builder, or stop it and hand it back to the pool; idempotent."""
+        try:
+            self._release_builder()
+        finally:
+            if self._build_lock is not None and self._slot is not None:
+                self.ctx.build_locks.release(self._slot.build_id, self._build_lock)
+                self._build_lock = None
+
+    def _release_builder(self) -> None:
         if self.builder is None:
             return
         builder = self.builder
@@ -1054,9 +1071,25 @@ def _tag_filters() -> Iterator[list[dict[str, Any]]]:
 class Ec2GcAdapter(GcAdapter):
     """Lists, stamps and deletes cloudbuild's EC2 resources; `cloudbuild.cloud.common.sweep` decides."""
 
-    def __init__(self, api: Ec2Api, *, limits: Ec2Limits | None = None):
+    def __init__(
+        self,
+        api: Ec2Api,
+        *,
+        limits: Ec2Limits | None = None,
+        local_worker: str | None = None,
+        state_dir: Path | None = None,
+    ):
         self.api = api
         self.limits = limits or Ec2Limits()
+        self.local_worker = local_worker  # this host's instance id, when gc runs on a worker
+        self.locks = BuildLocks((state_dir or DEFAULT_STATE_DIR) / "builds")
+
+    def build_alive(self, resource: Resource) -> bool | None:
+        """On the owner itself, a build lives while its process holds its lock; elsewhere: unknown."""
+        build = resource.tags.get(TAG_BUILD)
+        if not build or self.local_worker is None or resource.owner != self.local_worker:
+            return None
+        return self.locks.alive(build)
 
     def list_resources(self) -> Iterable[Resource]:
         found: dict[str, Resource] = {}
@@ -1158,9 +1191,28 @@ class Ec2GcAdapter(GcAdapter):
         return not volumes or (volumes[0].get("State") == "available" and not volumes[0].get("Attachments"))
 
 
+def state_dir_from_env() -> Path:
+    return Path(os.environ.get("CLOUDBUILD_EC2_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
 def gc_adapter() -> GcAdapter:
-    """The adapter `cloudbuild gc --vm-type ec2` uses: region from botocore's settings, else IMDS."""
+    """The adapter `cloudbuild gc --vm-type ec2` uses.
+
+    On a worker, IMDS names this host, so the sweep also finds builds whose process died here;
+    elsewhere (an admin box) the region comes from botocore's settings and only dead owners and
+    expired leases count.
+    """
     region = botocore.session.get_session().get_config_variable("region")
-    if not region:
-        region = Imds().identity().region
-    return Ec2GcAdapter(Ec2Api(client(str(region))))
+    identity: WorkerIdentity | None = None
+    try:
+        identity = Imds().identity()
+    except InfraError as exc:
+        if not region:
+            raise InfraError(f"gc: no region configured and no instance metadata ({exc})") from exc
+        log.info("gc runs off EC2 (no instance metadata): dead owners and expired leases only")
+    region = region or (identity.region if identity else None)
+    return Ec2GcAdapter(
+        Ec2Api(client(str(region))),
+        local_worker=identity.instance_id if identity else None,
+        state_dir=state_dir_from_env(),
+    )
