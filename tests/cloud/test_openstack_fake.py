@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openstack
@@ -61,6 +63,15 @@ def test_unversioned_auth_url_is_discovered(openstack_fake: FakeOpenStack) -> No
     conn = openstack.connect(**openstack_fake.connect_kwargs() | {"auth_url": openstack_fake.url})
     assert conn.compute.find_flavor("m1.tiny").id == "1"
     assert openstack_fake.calls[0] == ("GET", "/", 300)  # Keystone's multiple-choice version list
+
+
+def test_os_environment_variables_connect(openstack_fake: FakeOpenStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in [v for v in os.environ if v.startswith("OS_")]:
+        monkeypatch.delenv(var)
+    for var, value in openstack_fake.os_environ().items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", "/nonexistent/clouds.yaml")
+    assert openstack.connect().compute.get_flavor("3").name == "m1.medium"
 
 
 def test_wrong_password_is_refused(openstack_fake: FakeOpenStack) -> None:
@@ -228,7 +239,8 @@ def test_server_list_filters_by_name_and_finds_flavor_and_image_by_name(openstac
     assert [s.id for s in openstack_conn.compute.servers(name="^build-7$")] == [server.id]
     assert {s.id for s in openstack_conn.compute.servers()} == {server.id, openstack_fake.worker_server_id}
     assert openstack_conn.compute.find_flavor("m1.large").vcpus == 4
-    assert openstack_conn.image.find_image("cirros").status == "active"
+    image = openstack_conn.image.find_image("cirros")
+    assert openstack_conn.image.get_image(image.id).name == "cirros"
 
 
 def test_server_metadata_filter_is_client_side_in_openstacksdk(openstack_fake: FakeOpenStack,
@@ -505,6 +517,8 @@ def test_fake_binds_loopback_and_stops_cleanly() -> None:
         list(conn.compute.flavors())  # leaves a keep-alive connection open
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
         pass
+    # The keep-alive connection was shut down with the server: no handler thread is left behind.
+    assert not [t for t in threading.enumerate() if "process_request" in t.name and t.is_alive()]
 
 
 def test_a_crash_inside_the_fake_answers_500_and_is_kept(openstack_fake: FakeOpenStack, openstack_conn: Conn,

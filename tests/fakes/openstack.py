@@ -1256,6 +1256,7 @@ class _HttpServer(ThreadingHTTPServer):
     def __init__(self, fake: FakeOpenStack) -> None:
         self.fake = fake
         self.open_sockets: set[socket.socket] = set()
+        self.handler_threads: set[threading.Thread] = set()
         super().__init__(("127.0.0.1", 0), _RequestHandler)
 
 
@@ -1271,11 +1272,13 @@ class _RequestHandler(BaseHTTPRequestHandler):
         # client's delayed ACK (~40 ms) and a test making 50 calls would spend 2 s doing nothing.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.open_sockets.add(self.connection)
+        self.server.handler_threads.add(threading.current_thread())
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):
             super().finish()
         self.server.open_sockets.discard(self.connection)
+        self.server.handler_threads.discard(threading.current_thread())
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # the fake keeps its own call log; stderr noise would only hide test output
@@ -1365,6 +1368,8 @@ class FakeOpenStack:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         self._http.server_close()
+        for thread in list(self._http.handler_threads):
+            thread.join(timeout=5)
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._http = None
@@ -1402,6 +1407,14 @@ class FakeOpenStack:
         return {"auth_url": self.auth_url, "username": USERNAME, "password": PASSWORD,
                 "project_name": PROJECT_NAME, "user_domain_name": DOMAIN_NAME,
                 "project_domain_name": DOMAIN_NAME, "region_name": REGION}
+
+    def os_environ(self) -> dict[str, str]:
+        """OS_* variables for ``openstack.connect()`` without arguments or a clouds.yaml."""
+        kw = self.connect_kwargs()
+        return {"OS_AUTH_URL": kw["auth_url"], "OS_USERNAME": kw["username"], "OS_PASSWORD": kw["password"],
+                "OS_PROJECT_NAME": kw["project_name"], "OS_USER_DOMAIN_NAME": kw["user_domain_name"],
+                "OS_PROJECT_DOMAIN_NAME": kw["project_domain_name"], "OS_REGION_NAME": kw["region_name"],
+                "OS_IDENTITY_API_VERSION": "3"}
 
     def clouds_yaml(self, cloud_name: str = "fake") -> Json:
         kw = self.connect_kwargs()
