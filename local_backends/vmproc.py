@@ -1,0 +1,126 @@
+"""A local machine that is one host process (uml, an emulator, a container, a chroot):
+start it, stream its output to the console, wait with the build timeout, stop it.
+
+Also obs-build's way of killing such a machine from outside (`cloudbuild kill`): every process
+that holds the root image open (`fuser -k`), or every process chrooted into a build root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from cloudbuild.backend import Console
+from cloudbuild.log import get_logger
+from cloudbuild.runner import Arg, run, spawn, terminate, which
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessExit:
+    returncode: int | None  # None: killed at the timeout
+    timed_out: bool = False
+
+
+def pump(stream: IO[bytes], console: Console) -> None:
+    """Copy a process' output to the console until it closes."""
+    while True:
+        data = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        if not data:
+            return
+        console.write(data)
+
+
+def run_machine(
+    argv: Sequence[Arg],
+    console: Console,
+    *,
+    timeout: float | None,
+    env: Mapping[str, str] | None = None,
+    cwd: Arg | None = None,
+    started: list[subprocess.Popen[bytes]] | None = None,
+) -> ProcessExit:
+    """Run the machine's process to its end with stdout+stderr on `console`; kill it at `timeout`.
+
+    `started` receives the process as soon as it runs, so `Backend.kill()` from another thread
+    can stop it.
+    """
+    proc = spawn(argv, env=env, cwd=cwd)
+    if started is not None:
+        started.append(proc)
+    assert proc.stdout is not None
+    reader = threading.Thread(target=pump, args=(proc.stdout, console), daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("build timeout: stopping the machine", seconds=timeout, pid=proc.pid)
+        terminate(proc)
+        return ProcessExit(None, timed_out=True)
+    finally:
+        reader.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if started is not None and proc in started:
+            started.remove(proc)
+    return ProcessExit(code)
+
+
+def fuser_kill(path: Path) -> bool:
+    """Kill every process that has `path` open (obs-build's `fuser -k -TERM`); True if there were any."""
+    if not path.exists():
+        return False
+    fuser = which("fuser")
+    if fuser is None:
+        return _kill_holders(path)
+    # fuser exits 1 when nobody has the file open: that is the idempotent "nothing to do"
+    proc = run([fuser, "-k", "-TERM", path], check=False, timeout=30)
+    return proc.returncode == 0
+
+
+def _kill_holders(path: Path) -> bool:
+    """fuser without psmisc: walk /proc/*/fd."""
+    target = os.stat(path)
+    found = False
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                        os.kill(pid, signal.SIGTERM)
+                        found = True
+                        break
+    return found
+
+
+def chrooted_pids(root: Path) -> list[int]:
+    """Processes whose root directory is `root` or below it (obs-build's killchroot)."""
+    real = os.path.realpath(root)
+    pids: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            proc_root = os.readlink(f"/proc/{entry}/root")
+            if proc_root == real or proc_root.startswith(real + "/"):
+                pids.append(int(entry))
+    return pids
+
+
+def kill_chrooted(root: Path) -> int:
+    """SIGKILL every process chrooted into `root`; return how many."""
+    count = 0
+    for pid in chrooted_pids(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            count += 1
+    return count
