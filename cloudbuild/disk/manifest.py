@@ -291,6 +291,17 @@ class _Reader:
         self.consumed = 0
         self.lineno = 0
 
+    def probe(self, expected: bytes) -> bool:
+        """Whether the next bytes are `expected` (consumed if so); never fails on what is there."""
+        if self.consumed + len(expected) > self._limits.max_manifest:
+            return False
+        got = self._stream.read(len(expected))
+        self.consumed += len(got)
+        if got != expected:
+            return False
+        self.lineno += 1
+        return True
+
     def line(self) -> bytes | None:
         """The next line without its newline; None at end of input (only after a complete line)."""
         budget = min(self._limits.max_line + 1, self._limits.max_manifest - self.consumed + 1)
@@ -338,9 +349,8 @@ def parse(
     if line is None or inline:
         return
     # obs lines: an mtime trailer may follow the terminator; anything else there is the pad or
-    # old swap contents and is never looked at
-    trailer = reader.line()
-    if trailer != TRAILER_MTIMES:
+    # old swap contents and is never parsed
+    if not reader.probe(TRAILER_MTIMES + b"\n"):
         return
     seen: set[bytes] = set()
     while True:

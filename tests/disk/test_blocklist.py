@@ -1,0 +1,117 @@
+"""The guest-side manifest writer: its command line, warnings and refusals, and its import footprint."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cloudbuild.disk import blocklist, manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def blocklist_cli(args: list[str], cwd: Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "cloudbuild.disk.blocklist", *args], cwd=cwd, input=stdin, capture_output=True
+    )
+
+
+def test_guest_import_pulls_in_nothing_but_the_standard_library() -> None:
+    code = (
+        "before = set(sys.modules); import cloudbuild.disk.blocklist;"
+        "third = [m for m in set(sys.modules) - before"
+        " if m.split('.')[0] not in sys.stdlib_module_names and m.split('.')[0] != 'cloudbuild'];"
+        "print(third); sys.exit(1 if third else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}"],
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bad_symlinks_and_special_files_are_skipped_with_a_warning(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    os.symlink("/etc/passwd", tmp_path / "out" / "abs")
+    os.symlink("../../x", tmp_path / "out" / "escape")
+    os.symlink("../x", tmp_path / "out" / "fine")
+    os.mkfifo(tmp_path / "out" / "fifo")
+    proc = blocklist_cli(["--format", "obs", "out", "out/abs", "out/escape", "out/fine", "out/fifo"], tmp_path)
+    assert proc.returncode == 0
+    assert proc.stdout == b"d out\nl out/fine ../x\n"
+    assert b"out/abs: bad symlink" in proc.stderr
+    assert b"out/escape: bad symlink" in proc.stderr
+    assert b"out/fifo: unsupported file type" in proc.stderr
+
+
+def test_names_extractbuild_would_refuse_fail_and_write_nothing(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x")
+    for bad in (str(tmp_path / "f"), "./f", "f/", "../f"):
+        proc = blocklist_cli(["--padstart", "10", "f", bad], tmp_path)
+        assert proc.returncode == 1, bad
+        assert proc.stdout == b""
+
+
+def test_file_that_cannot_be_block_mapped_fails(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    assert shm.is_dir(), "tmpfs at /dev/shm is needed for this test"
+    path = shm / f"cloudbuild-test-{os.getpid()}"
+    path.write_bytes(b"x" * 5000)
+    try:
+        proc = blocklist_cli([path.name], shm)
+    finally:
+        path.unlink()
+    assert proc.returncode == 1
+    assert b"could not get the extent list" in proc.stderr
+    assert proc.stdout == b""
+
+
+def test_names_from_a_manifest_file_newline_or_nul_separated(tmp_path: Path) -> None:
+    (tmp_path / "a b").write_bytes(b"")
+    (tmp_path / "list").write_bytes(b"a b\n")
+    proc = blocklist_cli(["--format", "obs", "--manifest", "list"], tmp_path)
+    assert proc.stdout == b"f a%20b 0\n"
+    proc = blocklist_cli(["--format", "obs", "--manifest", "-", "-0"], tmp_path, stdin=b"a b\0")
+    assert proc.stdout == b"f a%20b 0\n"
+
+
+def test_pads_and_formats(tmp_path: Path) -> None:
+    (tmp_path / "e").write_bytes(b"")
+    os.utime(tmp_path / "e", (1234, 1234))
+    out = io.BytesIO()
+    names = [b"e"]
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        assert blocklist.write_manifest(names, out, padstart=3, padend=2, fmt="obs", dir_fd=fd) == 1
+        assert out.getvalue() == b"\n\n\nf e 0\n\n\n"
+        out = io.BytesIO()
+        blocklist.write_manifest(names, out, padstart=1, fmt="obs+mtimes", dir_fd=fd)
+        assert out.getvalue() == b"\nf e 0\n\n%mtimes\ne 1234\n\n"
+        out = io.BytesIO()
+        blocklist.write_manifest(names, out, fmt="mtime", dir_fd=fd)
+        assert out.getvalue() == manifest.HEADER_MTIME + b"\nf e 1234 0\n\n"
+    finally:
+        os.close(fd)
+
+
+def test_fiemap_of_a_sparse_file_on_the_host_filesystem(tmp_path: Path) -> None:
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"x" * 10)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        bsize = blocklist.block_size(fd)
+        tokens = blocklist.fiemap_extents(fd, os.fstat(fd).st_size, bsize)
+    finally:
+        os.close(fd)
+    assert tokens[0] == manifest.extent_token(0, (1 << 20) - 1, bsize)  # the leading hole
+    assert len(tokens) == 2 and not tokens[1].startswith(b"0")
+
+
+@pytest.mark.parametrize("nr", [blocklist.FIBMAP, blocklist.FIGETBSZ, blocklist.FS_IOC_FIEMAP])
+def test_alternate_ioctl_numbers_differ(nr: int) -> None:
+    assert blocklist._alt_ioctl(nr) != nr

@@ -1,0 +1,262 @@
+"""A hostile guest writes the manifest: every bad one fails with exit 3 and leaves nothing behind.
+
+The curated corpus is tests/disk/hostile/*.manifest (read with --skip 0 against a 1 MiB raw disk);
+the hypothesis fuzz below generates manifests from a grammar of dangerous tokens. For a long fuzz
+run: CLOUDBUILD_FUZZ_EXAMPLES=200000 pytest tests/disk/test_extract_hostile.py -k fuzz
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudbuild.disk import extract
+from cloudbuild.disk.extract import RawDisk, extract_stream, main
+from cloudbuild.errors import UntrustedData
+
+from .conftest import leftovers
+
+CORPUS = sorted((Path(__file__).parent / "hostile").glob("*.manifest"))
+DISK_SIZE = 1024 * 1024
+FUZZ_EXAMPLES = int(os.environ.get("CLOUDBUILD_FUZZ_EXAMPLES", "200"))
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    disk = tmp_path_factory.mktemp("hostile") / "disk.raw"
+    disk.write_bytes(os.urandom(DISK_SIZE))
+    return disk
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CORPUS) >= 25
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda p: p.stem)
+def test_hostile_manifest_fails_cleanly_with_exit_3(
+    case: Path, small_disk: Path, dest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--disk", str(small_disk), "--input", str(case), "--dest", str(dest)])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    reason = [line for line in err.splitlines() if line.startswith("cloudbuild extract: ")]
+    assert len(reason) == 1 and len(reason[0]) < 400
+    assert leftovers(dest) == []
+
+
+def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: Path) -> None:
+    """The corpus harness can tell success from failure."""
+    good = dest.parent.parent / "good.manifest"
+    good.write_bytes(b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n")
+    assert main(["--disk", str(small_disk), "--input", str(good), "--dest", str(dest)]) == 0
+    data = small_disk.read_bytes()
+    assert (dest / "ok" / "data").read_bytes() == data[1024:3072]
+    assert (dest / "ok" / "hole").read_bytes() == bytes(2048) + data[3172:3272] + bytes(852)
+    assert os.readlink(dest / "ok" / "link") == "data"
+
+
+def test_hostile_manifest_through_the_command_line(small_disk: Path, dest: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", str(small_disk), "--dest", str(dest)],
+        input=b"d a\nf a/../../etc/passwd 0\n",
+        capture_output=True,
+    )
+    assert proc.returncode == 3
+    assert proc.stderr.decode().strip().splitlines()[-1].startswith("cloudbuild extract: ")
+    assert leftovers(dest) == []
+
+
+def test_existing_symlink_in_destination_is_not_written_through(small_disk: Path, dest: Path) -> None:
+    outside = dest.parent.parent / "outside"
+    outside.mkdir()
+    os.symlink(outside, dest / "a")
+    with pytest.raises(UntrustedData, match="already exists"):
+        extract_stream(RawDisk(os.open(small_disk, os.O_RDONLY)), io.BytesIO(b"d a\nf a/x 0\n\n"), dest=dest)
+    assert os.listdir(outside) == []
+
+
+def test_line_and_entry_limits(small_disk: Path, dest: Path) -> None:
+    from cloudbuild.disk.manifest import Limits
+
+    fd = os.open(small_disk, os.O_RDONLY)
+    try:
+        disk = RawDisk(fd)
+        with pytest.raises(UntrustedData, match="longer than"):
+            extract_stream(disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100))
+        with pytest.raises(UntrustedData, match="more than 3 entries"):
+            extract_stream(disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3))
+        with pytest.raises(UntrustedData, match="longer than 50 bytes"):
+            extract_stream(disk, io.BytesIO(b"".join(b"f %d 0\n" % i for i in range(20))), dest=dest, limits=Limits(max_manifest=50))
+    finally:
+        os.close(fd)
+    assert leftovers(dest) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# fuzz
+
+_COMPONENTS = ["a", "b", "..", ".", "", "%2F", "%00", "%20", "%25", "%2", "%0a", "x y", "c" * 260, "\t"]
+_NUMBERS = st.one_of(
+    st.integers(0, 4),
+    st.integers(0, 2000),
+    st.sampled_from([511, 512, 1023, 1024, 4095, 4096, 65536, DISK_SIZE - 1, DISK_SIZE, 2**31, 2**63, 10**30]),
+).map(str)
+
+
+@st.composite
+def _names(draw: st.DrawFn) -> str:
+    return "/".join(draw(st.lists(st.sampled_from(_COMPONENTS), min_size=1, max_size=4)))
+
+
+@st.composite
+def _extent(draw: st.DrawFn) -> str:
+    token = draw(_NUMBERS)
+    if draw(st.booleans()):
+        token += ":" + draw(_NUMBERS)
+    if draw(st.booleans()):
+        token += "-" + draw(_NUMBERS)
+        if draw(st.booleans()):
+            token += ":" + draw(_NUMBERS)
+    return token
+
+
+@st.composite
+def _line(draw: st.DrawFn) -> str:
+    kind = draw(st.sampled_from(["d", "l", "f", "f", "f", "x", "%mtimes", ""]))
+    name = draw(_names())
+    if kind == "d":
+        return f"d {name}"
+    if kind == "l":
+        return f"l {name} {draw(_names())}"
+    if kind == "f":
+        size = draw(_NUMBERS)
+        if size == "0" and draw(st.booleans()):
+            return f"f {name} 0"
+        blksize = draw(st.sampled_from(["512", "1024", "4096", "0", "1000", "131072"]))
+        extents = " ".join(draw(st.lists(_extent(), min_size=0, max_size=5)))
+        return f"f {name} {size} {blksize} {extents}".rstrip()
+    if kind == "%mtimes":
+        return "%mtimes"
+    return f"{kind} {name}" if kind else ""
+
+
+@st.composite
+def _plausible(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed manifests (so extraction gets far), with a few dangerous choices."""
+    dirs = [""]
+    lines: list[str] = []
+    names: list[str] = []
+    for _ in range(draw(st.integers(1, 8))):
+        parent = draw(st.sampled_from(dirs))
+        component = draw(st.sampled_from(["a", "b", "c%20d", "e%25f", "g%0Ah", "\xff", "x", "..", "%2F"]))
+        name = f"{parent}/{component}" if parent else component
+        names.append(name)
+        kind = draw(st.sampled_from("dfffl"))
+        if kind == "d":
+            lines.append(f"d {name}")
+            dirs.append(name)
+        elif kind == "l":
+            target = draw(st.sampled_from(["a", "../a", "../../a", "b/c", "/etc", "a/../..", "..", "./a"]))
+            lines.append(f"l {name} {target}")
+        else:
+            bs = draw(st.sampled_from([512, 1024, 4096]))
+            size = draw(st.integers(0, 40_000))
+            if size == 0:
+                lines.append(f"f {name} 0")
+                continue
+            tokens, left = [], size
+            while left > 0:
+                blocks = draw(st.integers(1, 4))
+                start = 0 if draw(st.booleans()) else draw(st.integers(1, DISK_SIZE // bs))
+                tokens.append(f"{start}-{start + blocks - 1}" if blocks > 1 else str(start))
+                left -= blocks * bs
+            if draw(st.integers(0, 4)) == 0:
+                tokens[draw(st.integers(0, len(tokens) - 1))] = draw(_extent())
+            lines.append(f"f {name} {size} {bs} {' '.join(tokens)}")
+    text = "\n".join(lines) + "\n\n"
+    if draw(st.booleans()):
+        stamped = draw(st.lists(st.sampled_from(names), max_size=3))
+        text += "%mtimes\n" + "".join(f"{n} {draw(_NUMBERS)}\n" for n in stamped) + "\n"
+    return text.encode("utf-8", "surrogateescape")
+
+
+@st.composite
+def _manifest(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 2)):
+        return draw(_plausible())
+    lines = draw(st.lists(_line(), max_size=12))
+    if draw(st.booleans()):
+        lines.insert(0, "%format mtime")
+    text = "\n".join(lines) + draw(st.sampled_from(["\n", "\n\n", "", "\n\n%mtimes\na 5\n\n"]))
+    data = text.encode("utf-8", "surrogateescape")
+    if draw(st.integers(0, 9)) == 0:
+        data += draw(st.binary(max_size=64))
+    return data
+
+
+class _Guard:
+    """Checks every copy the extractor makes reads inside the disk."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.bad: list[tuple[int, int]] = []
+
+    def wrap(self, original: object) -> object:
+        def copy(this: object, src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
+            if src_off < 0 or length < 0 or src_off + length > self.size:
+                self.bad.append((src_off, length))
+            original(this, src, src_off, dst, dst_off, length)  # type: ignore[operator]
+
+        return copy
+
+
+def _all_paths(root: str) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            yield os.path.join(dirpath, name)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_manifest(), max_size=st.sampled_from([None, 0, 4096, 100_000]))
+def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, max_size: int | None) -> None:
+    guard = _Guard(DISK_SIZE)
+    with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as sandbox:
+        patch.setattr(extract._Copier, "copy", guard.wrap(extract._Copier.copy))
+        dest = Path(sandbox) / "dest"
+        dest.mkdir()
+        canary = Path(sandbox) / "canary"
+        canary.mkdir()
+        fd = os.open(small_disk, os.O_RDONLY)
+        try:
+            extract_stream(RawDisk(fd), io.BytesIO(data), dest=dest, max_size=max_size)
+            ok = True
+        except UntrustedData:
+            ok = False
+        finally:
+            os.close(fd)
+        assert not guard.bad
+        assert sorted(os.listdir(sandbox)) == ["canary", "dest"]  # no staging left, nothing beside
+        assert os.listdir(canary) == []
+        if not ok:
+            assert os.listdir(dest) == []
+            return
+        total = 0
+        real_dest = os.path.realpath(dest)
+        for path in _all_paths(str(dest)):
+            parent = os.path.realpath(os.path.dirname(path))
+            assert parent == real_dest or parent.startswith(real_dest + os.sep)
+            if os.path.islink(path):
+                target = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+                assert target == real_dest or target.startswith(real_dest + os.sep)
+            elif os.path.isfile(path):
+                total += os.path.getsize(path)
+        assert total <= (DISK_SIZE if max_size is None else max_size)
