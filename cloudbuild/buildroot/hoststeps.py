@@ -1,0 +1,167 @@
+"""The worker host's disk work around the build machine (the `HostSteps` of cloudbuild/build.py).
+
+- prepare_root: mkfs + mount the root volume (or take the folder of a `directory` backend), copy
+  the build root in, stage /.build (stage.py), `backend.fixup()`, `backend.kernel_files()`, unmount.
+- reset_swap: zero the head of the swap volume (old status record, swap signature).
+- read_status: the BUILDSTATUS record the guest left.
+- extract: by the blocklist manifest on swap (never mounting the guest-written root), or from the
+  folder as hostile input; staged, then moved into --dest: DEST gets the contents of
+  $BUILD_RESULTS, DEST.statistics the `_statistics` file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from cloudbuild.backend import Backend
+from cloudbuild.buildroot import stage
+from cloudbuild.deadline import Deadline
+from cloudbuild.disk import buildstatus
+from cloudbuild.disk.image import device_size, zero_head
+from cloudbuild.disk.mkfs import make_filesystem, mount_options
+from cloudbuild.disk.mount import mounted
+from cloudbuild.errors import UntrustedData, UsageError
+from cloudbuild.log import get_logger
+from cloudbuild.options import VmOptions
+
+log = get_logger(__name__)
+
+SWAP_RESET_BYTES = 1024  # obs-build: dd bs=1024 count=1
+MAX_STATISTICS = 64 * 1024
+
+
+def statistics_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".statistics")
+
+
+def log_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".log")
+
+
+def check_dest(dest: Path) -> None:
+    """--dest must not exist or be an empty folder (results are never mixed with older ones)."""
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise UsageError(f"--dest {dest}: must not exist or be an empty folder")
+
+
+class DiskHostSteps:
+    def __init__(
+        self,
+        options: VmOptions,
+        recipe: Path,
+        *,
+        build_id: str,
+        workdir: Path,
+        extra_variables: Mapping[str, str | Sequence[str]] | None = None,
+    ):
+        if options.rootfs is None:
+            raise UsageError("--rootfs is required: a directory, tarball or image (see `cloudbuild rootfs`)")
+        self.options = options
+        self.recipe = recipe
+        self.build_id = build_id
+        self.workdir = workdir
+        self.extra_variables = dict(extra_variables or {})
+
+    # --- before the build ----------------------------------------------------------------------
+
+    def prepare_root(self, device: Path, backend: Backend, deadline: Deadline) -> None:
+        variables = stage.build_variables(
+            self.options,
+            self.recipe,
+            build_id=self.build_id,
+            guest_swap=getattr(backend, "guest_swap_device", None),
+            extra=self.extra_variables,
+        )
+        rootfs = Path(self.options.rootfs or "")
+        if backend.channel == "directory":
+            self._fill(device, rootfs, backend, variables, deadline)
+            return
+        fs = self.options.filesystem
+        make_filesystem(device, fs, timeout=deadline.remaining(floor=1.0))
+        with mounted(
+            device, self.workdir / "mnt", fstype=fs, options=mount_options(fs, self.options.mount_options)
+        ) as root:
+            self._fill(root, rootfs, backend, variables, deadline)
+
+    def _fill(
+        self,
+        root: Path,
+        rootfs: Path,
+        backend: Backend,
+        variables: Mapping[str, str | Sequence[str]],
+        deadline: Deadline,
+    ) -> None:
+        stage.copy_rootfs(rootfs, root, workdir=self.workdir, timeout=deadline.remaining(floor=1.0))
+        stage.stage_build_root(root, self.recipe, variables)
+        backend.fixup(root)
+        backend.kernel_files(root)
+
+    def reset_swap(self, device: Path, deadline: Deadline) -> None:
+        zero_head(device, SWAP_RESET_BYTES)
+
+    # --- after the build -----------------------------------------------------------------------
+
+    def read_status(self, device: Path) -> int | None:
+        return buildstatus.read(device)
+
+    def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        check_dest(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if swap is None:
+            self._extract_folder(root, dest)
+            return
+        from cloudbuild.disk.extract import extract_results
+
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stage-", dir=dest.parent))
+        try:
+            extract_results(root, swap, skip=512, dest=staging, max_size=device_size(root))
+            self._move_results(staging, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _move_results(self, staging: Path, dest: Path) -> None:
+        results = staging / stage.RESULTS
+        if results.is_symlink() or not results.is_dir():
+            raise UntrustedData("the build machine's manifest has no results folder")
+        extra = sorted(p.name for p in staging.iterdir() if p.name not in (stage.RESULTS, stage.STATISTICS))
+        if extra:
+            raise UntrustedData(f"the build machine's manifest lists unexpected entries: {extra[:5]}")
+        statistics = staging / stage.STATISTICS
+        if (
+            statistics.is_file()
+            and not statistics.is_symlink()
+            and statistics.stat().st_size <= MAX_STATISTICS
+        ):
+            shutil.move(statistics, statistics_path(dest))
+        if dest.is_dir():
+            dest.rmdir()  # empty: checked by check_dest
+        os.rename(results, dest)
+
+    def _extract_folder(self, root: Path, dest: Path) -> None:
+        from cloudbuild.disk.dircopy import copy_results, open_beneath
+
+        out = root / stage.OUT_DIR
+        copy_results(out / stage.RESULTS, dest, max_size=self._folder_limit(), trusted=root)
+        # the folder is the guest's: no path through it is followed (a link could point anywhere)
+        try:
+            out_fd = open_beneath(root, stage.OUT_DIR)
+        except (OSError, UntrustedData):
+            return
+        try:
+            fd = os.open(stage.STATISTICS, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=out_fd)
+        except OSError:
+            return
+        finally:
+            os.close(out_fd)
+        try:
+            if os.fstat(fd).st_size <= MAX_STATISTICS:
+                statistics_path(dest).write_bytes(os.read(fd, MAX_STATISTICS))
+        finally:
+            os.close(fd)
+
+    def _folder_limit(self) -> int:
+        return self.options.disk_size * 1024 * 1024
