@@ -103,16 +103,22 @@ class OpenStackBackend(Backend):
                 f"worker server {worker} does not exist in this project: check --vm-server or the "
                 "cloud the credentials point at (OS_CLOUD)"
             )
-        image_ref = o.vm_kernel
-        image = self.api.call(
-            f"find builder image {image_ref}",
-            lambda: self.api.conn.image.find_image(image_ref, ignore_missing=True),
-        )
-        if image is None:
-            raise UsageError(f"--vm-kernel: no image named or with id '{image_ref}' (the builder image)")
-        self._image = str(image.id)
+        self._image = self._find_image(o.vm_kernel)
         self._flavor = self._choose_flavor()
         log.info("openstack verified", worker=worker, image=self._image, flavor=self._flavor)
+
+    def _find_image(self, ref: str) -> str:
+        """The builder image by id, else by name (exactly one)."""
+        glance = self.api.conn.image
+        image = self.api.find(f"get builder image {ref}", lambda: glance.get_image(ref))
+        if image is not None:
+            return str(image.id)
+        named = self.api.call(f"find builder image {ref}", lambda: list(glance.images(name=ref)))
+        if len(named) > 1:
+            raise UsageError(f"--vm-kernel: {len(named)} images are named '{ref}'; give the image id")
+        if not named:
+            raise UsageError(f"--vm-kernel: no image named or with id '{ref}' (the builder image)")
+        return str(named[0].id)
 
     def _choose_flavor(self) -> str:
         o = self.options

@@ -106,6 +106,7 @@ class CinderVolume(Volume):
         self.health = health  # None: stuck operations are not counted against a worker (gc)
         self._id: str | None = None
         self._wiped = False
+        self._stuck_counted = False
         self.log = log.bind(role=role.value)
 
     @property
@@ -121,7 +122,11 @@ class CinderVolume(Volume):
         return volume
 
     def _stuck(self, message: str) -> Exception:
-        return self.health.stuck(message) if self.health is not None else InfraError(message)
+        """The error for a stuck transition; counted against the worker once per volume."""
+        if self.health is None or self._stuck_counted:
+            return InfraError(message)
+        self._stuck_counted = True
+        return self.health.stuck(message)
 
     def _ok(self) -> None:
         if self.health is not None:

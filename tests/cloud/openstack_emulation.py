@@ -24,13 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloudbuild.backend import Backend
+from cloudbuild.cloud.openstack import OpenStackBackend
+from cloudbuild.cloud.openstack_api import Timeouts
+from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
+from cloudbuild.disk.image import zero_head
+from cloudbuild.options import VmOptions
 from tests.fakes.openstack import Bdm, FakeOpenStack, FakeServer, FakeVolume
 
 GIB = 1024 * 1024 * 1024
 
-Guest = Callable[[str, list[Path], "Emulation"], str]
-"""A builder's life: gets the server id and its disks (root, swap), returns console text."""
+Guest = Callable[[str, list[Path], "Emulation"], str | None]
+"""A builder's life: gets the server id and its disks (root, swap), returns console text to end
+with a power-off, or None when it ended otherwise (ERROR, vanished, never)."""
 
 
 def scripted_guest(status: int = 0, console: str = "building...\nBUILDSTATUS written\n") -> Guest:
@@ -51,6 +58,7 @@ class Emulation:
     errors: list[str] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
     booted: list[str] = field(default_factory=list)
+    on_volume: Callable[[FakeVolume], None] | None = None  # called for every volume created
 
     def __post_init__(self) -> None:
         self.images = self.base / "images"
@@ -65,6 +73,8 @@ class Emulation:
             vol = create_volume(**kwargs)
             with open(self.image(vol.id), "wb") as f:
                 f.truncate(vol.size * GIB)
+            if self.on_volume is not None:
+                self.on_volume(vol)
             return vol
 
         def on_attached(server: FakeServer, vol: FakeVolume, bdm: Bdm) -> None:
@@ -103,14 +113,15 @@ class Emulation:
     def _run_guest(self, server_id: str, disks: list[Path]) -> None:
         assert self.guest is not None
         self.booted.append(server_id)
-        console = ""
+        console: str | None = ""
         try:
             console = self.guest(server_id, disks, self)
         except Exception:
             self.errors.append(traceback.format_exc())
             console = "guest crashed\n"
-        with contextlib.suppress(Exception):  # the server may have been deleted meanwhile
-            self.fake.power_off(server_id, console)
+        if console is not None:
+            with contextlib.suppress(Exception):  # the server may have been deleted meanwhile
+                self.fake.power_off(server_id, console)
 
     def join(self, timeout: float = 60.0) -> None:
         for thread in self.threads:
@@ -129,3 +140,54 @@ class Emulation:
 
 def _tagged(metadata: dict[str, str]) -> bool:
     return "cloudbuild:owner" in metadata or "cloudbuild:build" in metadata
+
+
+# -- the worker side of a test build -------------------------------------------------------------
+
+FAST = Timeouts(
+    volume_ready=10, attach=2, detach=2, device=2, delete=10, poll=0.01, poll_max=0.05, console=0.02
+)
+"""Deadlines and poll intervals for tests: every wait of a test build ends within seconds."""
+
+
+class Sink:
+    """A console sink that keeps everything."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class Steps:
+    """Host steps that mark the root and read the status the guest left on swap (no mkfs)."""
+
+    def prepare_root(self, device: Path, backend: Backend, deadline: Deadline) -> None:
+        with open(device, "r+b") as f:
+            f.write(b"ROOT")
+
+    def reset_swap(self, device: Path, deadline: Deadline) -> None:
+        zero_head(device)
+
+    def read_status(self, device: Path) -> int | None:
+        return buildstatus.read(device)
+
+    def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        with open(root, "rb") as f:
+            (dest / "root-head").write_bytes(f.read(4))
+
+
+def make_backend(
+    metadata_base: str, dev_root: Path, state_dir: Path, *, timeouts: Timeouts = FAST, **options: Any
+) -> OpenStackBackend:
+    """The backend as a worker builds it, pointed at the fake's metadata service and our /dev."""
+    defaults: dict[str, Any] = {"vm_type": "openstack", "vm_kernel": "cirros", "disk_size": 1024, "swap_size": 1024}
+    return OpenStackBackend(
+        VmOptions(**(defaults | options)),
+        timeouts=timeouts,
+        dev_root=dev_root,
+        state_dir=state_dir,
+        metadata_url=metadata_base + "/openstack/latest/meta_data.json",
+    )
