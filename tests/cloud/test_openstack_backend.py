@@ -322,7 +322,8 @@ def test_build_timeout_kills_the_builder_and_is_exit_3(emu: Emulation, tmp_path:
     assert b"stuck forever" in sink.data
 
 
-def _stuck_on_first_attach(fake: FakeOpenStack, status: str) -> Any:
+def _stuck_on_first_attach(status: str) -> Any:
+    """An Emulation.on_volume hook: the first volume created never leaves `status`."""
     stuck: list[str] = []
 
     def hook(vol: FakeVolume) -> None:
@@ -330,7 +331,7 @@ def _stuck_on_first_attach(fake: FakeOpenStack, status: str) -> Any:
             stuck.append(vol.id)
             vol.stuck_in.add(status)
 
-    return hook, stuck
+    return hook
 
 
 def _unstick(fake: FakeOpenStack, backend_api: Any, volume_ids: list[str]) -> None:
@@ -352,8 +353,7 @@ def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
     emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
 ) -> None:
     for attempt, expected in ((1, ExitCode.INFRA), (2, ExitCode.HOST_BROKEN)):
-        hook, stuck = _stuck_on_first_attach(openstack_fake, "attaching")
-        emu.on_volume = hook
+        emu.on_volume = _stuck_on_first_attach("attaching")
         backend = backend_for(emu, tmp_path)
         outcome = run_build(BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
         assert outcome.exit_code == expected, outcome.message
@@ -370,8 +370,7 @@ def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
 def test_volume_stuck_detaching_is_exit_3(
     emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
 ) -> None:
-    hook, stuck = _stuck_on_first_attach(openstack_fake, "detaching")
-    emu.on_volume = hook
+    emu.on_volume = _stuck_on_first_attach("detaching")
     backend = backend_for(emu, tmp_path)
     outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
     assert outcome.exit_code == ExitCode.INFRA
