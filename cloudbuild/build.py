@@ -88,6 +88,7 @@ class Orchestrator:
         self.phases: dict[str, float] = {}
         self.pair: VolumePair | None = None
         self._created: list[Volume] = []
+        self._running = False  # boot_and_wait started and did not return: the machine may still run
 
     @contextlib.contextmanager
     def phase(self, name: str, seconds: float | None) -> Iterator[Deadline]:
@@ -136,9 +137,12 @@ class Orchestrator:
         with self.phase("volumes", limits.volumes):
             self.pair = self.backend.volumes(self.slot)
             for volume in self.pair:
+                # recorded before create(): a create that fails half way (the volume exists but
+                # never became available) must still be released; release() of a volume that
+                # does not exist is a no-op
+                self._created.append(volume)
                 with bound(volume=volume.id, role=volume.role.value):
                     volume.create()
-                self._created.append(volume)
         pair = self.pair
         swap_channel = self.backend.channel == "swap"
         with self.phase("prepare", limits.prepare) as deadline:
@@ -150,9 +154,11 @@ class Orchestrator:
                     self.steps.reset_swap(self._attach(pair.swap), deadline)
                     pair.swap.detach()
         with self.phase("boot", limits.boot) as deadline:
+            self._running = True
             result = self.backend.boot_and_wait(
                 pair, self.slot, timeout=deadline.seconds, console=self.console
             )
+            self._running = False
         status = self._status(result, pair, limits.status)
         if status == 1:
             raise BuildFailed("the build failed (BUILDSTATUS1)")
@@ -198,6 +204,13 @@ class Orchestrator:
         """Detach and delete everything created for this build; return the first failure, if any."""
         first_error: str | None = None
         with self.phase("cleanup", self.job.limits.cleanup):
+            if self._running:
+                # boot_and_wait failed: a machine that may still run holds the volumes, stop it first
+                try:
+                    self.backend.kill()
+                except Exception as exc:
+                    log.error("backend kill failed", error=str(exc))
+                    first_error = f"backend kill: {exc}"
             for volume in reversed(self._created):
                 with bound(volume=volume.id, role=volume.role.value):
                     try:
