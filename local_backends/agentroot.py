@@ -1,0 +1,111 @@
+"""The guest agent's runtime for machines that are not qemu: uml and lxc.
+
+Both reuse the initramfs of `local_backends/initramfs.py` (busybox, the host's python3, the agent):
+- uml boots it as its `initrd=` exactly as qemu does, only without kernel modules (everything the
+  UML kernel needs is built in): `agent_initramfs()`;
+- lxc runs it unpacked, as the container's (read-only) root file system, with the build root bound
+  at /mnt/buildroot, where the agent chroots the recipe: `agent_tree()`. The tree also gets
+  `run-agent.py`, which starts the agent and records its status in /run/cloudbuild/status, a
+  host folder the recipe never sees (it is chrooted into the build root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from cloudbuild.errors import HostBroken
+from cloudbuild.log import get_logger
+from cloudbuild.runner import CommandError, run, which
+from local_backends.initramfs import AGENT_ROOT, build_initramfs
+from local_backends.kernel import cache_dir
+
+log = get_logger(__name__)
+
+STATUS_DIR = "/run/cloudbuild"
+STATUS_FILE = "status"
+BUILDROOT_MOUNT = "/mnt/buildroot"
+
+RUN_AGENT = f"""# started by the container as its init: the agent, then its status for the host
+import sys
+sys.path.insert(0, {AGENT_ROOT!r})
+from cloudbuild.guest.agent import main
+status = main()
+try:
+    with open({STATUS_DIR + "/" + STATUS_FILE!r}, "w") as f:
+        f.write("%d\\n" % status)
+except OSError as exc:
+    print("cloudbuild: cannot record the status: %s" % exc)
+sys.exit(status)
+"""
+
+
+def _no_modules() -> Path:
+    """An empty module folder: the machines here load no kernel modules."""
+    folder = cache_dir() / "no-modules"
+    folder.mkdir(parents=True, exist_ok=True)
+    dep = folder / "modules.dep"
+    if not dep.exists():
+        dep.write_text("")
+    return folder
+
+
+def agent_initramfs() -> Path:
+    """The agent's initramfs without kernel modules (cached by `build_initramfs`)."""
+    return build_initramfs("agent", _no_modules(), ())
+
+
+def agent_tree() -> Path:
+    """The agent's initramfs unpacked into a folder (cached next to it, built once per initramfs)."""
+    archive = agent_initramfs()
+    target = archive.parent / f"{archive.stem}.tree"
+    if (target / "lib" / "cloudbuild" / "run-agent.py").exists():
+        return target
+    busybox = which("busybox")
+    if busybox is None:
+        raise HostBroken("busybox not found: install busybox-static")
+    tmp = Path(tempfile.mkdtemp(prefix=".tree-", dir=archive.parent))
+    try:
+        try:
+            run(
+                [busybox, "cpio", "-i", "-d", "-m"],
+                input=archive.read_bytes(),
+                text=False,
+                cwd=tmp,
+                timeout=120,
+            )
+        except CommandError as exc:
+            raise HostBroken(f"cannot unpack the agent's initramfs {archive}: {exc}") from exc
+        (tmp / BUILDROOT_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        (tmp / STATUS_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        (tmp / AGENT_ROOT.lstrip("/") / "run-agent.py").write_text(RUN_AGENT)
+        os.rename(tmp, target)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another build unpacked it at the same time
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == 39:  # ENOTEMPTY: another build won the rename
+            return target
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("unpacked the agent's runtime", tree=str(target))
+    return target
+
+
+def read_status(folder: Path) -> int | None:
+    """The status the agent recorded (one digit), None when it recorded none."""
+    path = folder / STATUS_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 16)
+    finally:
+        os.close(fd)
+    value = text.strip()
+    return int(value) if len(value) == 1 and value.isdigit() else None
