@@ -48,7 +48,7 @@ from cloudbuild.cloud.common import (
 )
 from cloudbuild.cloud.ec2_imds import Imds, WorkerIdentity
 from cloudbuild.cloud.ec2_nvme import HostPaths, host_lock, pick_device_name, resolve_device, serial_of
-from cloudbuild.disk.image import device_size
+from cloudbuild.disk.image import device_size, is_block_device
 from cloudbuild.errors import DeadlineExceeded, HostBroken, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
@@ -570,26 +570,33 @@ class EbsVolume(Volume):
     # - wipe / release -
 
     def wipe(self, device: Path) -> None:
-        """Discard everything on a reused volume (blkdiscard; zeroing where discard is unsupported)."""
+        """Discard everything on a reused volume: `blkdiscard` (EBS: instant, reads back zeros), else
+        `blkdiscard --zeroout` (write-zeroes); an image file (tests, emulation) gets its blocks punched."""
         with bound(volume=self._id, device=str(device)):
-            try:
-                runner.run(["blkdiscard", device], timeout=self.ctx.limits.create)
-                log.info("volume wiped (discard)")
-            except runner.CommandError as exc:
-                log.info("discard unsupported, zeroing", error=str(exc))
-                size_mib = max(1, device_size(device) // (1024 * 1024))
+            timeout = self.ctx.limits.create
+            if is_block_device(device):
+                try:
+                    runner.run(["blkdiscard", device], timeout=timeout)
+                    log.info("volume wiped (discard)")
+                except runner.CommandError as exc:
+                    log.info("discard unsupported, zeroing", error=str(exc))
+                    runner.run(["blkdiscard", "--zeroout", device], timeout=None)
+                    log.info("volume wiped (zeroed)")
+            else:
                 runner.run(
                     [
-                        "dd",
-                        "if=/dev/zero",
-                        f"of={device}",
-                        "bs=1M",
-                        f"count={size_mib}",
-                        "conv=notrunc,fsync",
+                        "fallocate",
+                        "--punch-hole",
+                        "--keep-size",
+                        "--offset",
+                        "0",
+                        "--length",
+                        str(device_size(device)),
+                        device,
                     ],
-                    timeout=None,
+                    timeout=timeout,
                 )
-                log.info("volume wiped (zeroed)", size_mib=size_mib)
+                log.info("volume wiped (image file, holes punched)")
         self._wiped = True
 
     def release(self) -> None:
