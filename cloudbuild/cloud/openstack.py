@@ -26,7 +26,7 @@ from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
 from cloudbuild.cloud.common import Resource, build_tags, format_time, is_cloudbuild_tagged, lease_expiry
 from cloudbuild.cloud.openstack_api import Api, AttachHealth, Timeouts, connect, worker_server_id
 from cloudbuild.cloud.openstack_server import Builder, choose_flavor, user_data
-from cloudbuild.cloud.openstack_volume import CinderVolume
+from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH, CinderVolume
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import bound, get_logger
@@ -67,6 +67,7 @@ class OpenStackBackend(Backend):
         self.state_dir = state_dir
         self.metadata_url = metadata_url
         self.builder: Builder | None = None
+        self.pair: VolumePair | None = None
         self._flavor: str | None = None
         self._image: str | None = None
 
@@ -159,7 +160,15 @@ class OpenStackBackend(Backend):
                 health=self.health,
             )
 
-        return VolumePair(make(Role.ROOT, o.disk_size, root_ref), make(Role.SWAP, o.swap_size, swap_ref))
+        self.pair = VolumePair(make(Role.ROOT, o.disk_size, root_ref), make(Role.SWAP, o.swap_size, swap_ref))
+        return self.pair
+
+    @property
+    def guest_swap_device(self) -> str | None:
+        """VM_SWAP in build.data: the swap as the builder's udev names it (by virtio serial)."""
+        if self.pair is None or self.pair.swap is None:
+            return None
+        return f"/dev/disk/by-id/virtio-{self.pair.swap.id[:VIRTIO_SERIAL_LENGTH]}"
 
     # -- the build machine ---------------------------------------------------------------------
     def boot_and_wait(

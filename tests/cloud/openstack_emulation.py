@@ -31,6 +31,7 @@ from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
 from cloudbuild.disk.image import zero_head
 from cloudbuild.options import VmOptions
+from cloudbuild.volume import Role, VolumePair
 from tests.fakes.openstack import Bdm, FakeOpenStack, FakeServer, FakeVolume
 
 GIB = 1024 * 1024 * 1024
@@ -191,3 +192,57 @@ def make_backend(
         state_dir=state_dir,
         metadata_url=metadata_base + "/openstack/latest/meta_data.json",
     )
+
+
+# -- a real builder: the local qemu backend plays the server ---------------------------------------
+
+
+class ServerConsole:
+    """A Console that appends to the fake server's console log (what os-getConsoleOutput returns)."""
+
+    def __init__(self, fake: FakeOpenStack, server_id: str):
+        self.fake = fake
+        self.server_id = server_id
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):  # the server may be gone already
+            self.fake.append_console(self.server_id, data.decode("utf-8", "replace"))
+
+
+def nova_argv(argv: list[str], root_id: str, swap_id: str) -> list[str]:
+    """qemu's command line as Nova's libvirt driver would make it: disk serials are volume ids
+    (20 characters for virtio-blk), and the agent finds root and swap by those serials, as the
+    builder image's boot hook does (`openstack_server.user_data`)."""
+    serials = {"serial=0": f"serial={root_id[:20]}", "serial=1": f"serial={swap_id[:20]}"}
+    out: list[str] = []
+    for arg in argv:
+        for old, new in serials.items():
+            if arg.startswith("virtio-blk-pci,") and arg.endswith(old):
+                arg = arg[: -len(old)] + new
+        if arg.startswith("console=") and "root=/dev/disk/by-id/virtio-0" in arg:
+            arg = arg.replace("root=/dev/disk/by-id/virtio-0", f"root=/dev/disk/by-id/virtio-{root_id[:20]}")
+            arg += f" cloudbuild.swap=/dev/disk/by-id/virtio-{swap_id[:20]}"
+        out.append(arg)
+    return out
+
+
+def qemu_guest(*, timeout: float, memory_mib: int = 512) -> Guest:
+    """The builder server played by the local qemu backend (TCG) with the real guest agent."""
+    from local_backends.localvolume import LocalVolume
+    from local_backends.qemu import QemuBackend
+    from local_backends.vmproc import run_machine
+
+    def run(server_id: str, disks: list[Path], emu: Emulation) -> str:
+        root, swap = disks
+        qemu = QemuBackend(VmOptions(vm_type="qemu", vm_memory=memory_mib))
+        qemu.verify()
+        pair = VolumePair(
+            LocalVolume(Role.ROOT, root, 0, owned=False), LocalVolume(Role.SWAP, swap, 0, owned=False)
+        )
+        argv = nova_argv(qemu.machine(pair).argv(), root.stem, swap.stem)
+        exit_ = run_machine(argv, ServerConsole(emu.fake, server_id), timeout=timeout)
+        if exit_.returncode != 0:
+            return f"qemu exited {exit_.returncode} (timed out: {exit_.timed_out})\n"
+        return ""
+
+    return run
