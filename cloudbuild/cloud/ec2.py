@@ -445,7 +445,7 @@ class EbsVolume(Volume):
                     self.detach()
                 try:
                     self._attach_with_flip(target)
-                except (DeadlineExceeded, Ec2Error) as exc:
+                except InfraError as exc:
                     if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
                         raise AttachHealth(self.ctx).failed(
                             InfraError(f"attaching EBS volume {self._id} to this worker failed: {exc}")

@@ -385,6 +385,7 @@ class Ec2World:
     emulator: HostEmulator
     tmp: Path
     backends: list[Ec2Backend] = field(default_factory=list)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def identity(self) -> WorkerIdentity:
@@ -453,3 +454,78 @@ def ec2_world_fixture(
         emulator.stop()
         imds.stop()
         assert not emulator.errors, f"host emulator failed: {emulator.errors!r}"
+
+
+# --- fault injection through botocore's event hooks -------------------------------------------
+
+
+class _Http:
+    def __init__(self, status_code: int):
+        self.status_code = status_code
+        self.headers: dict[str, str] = {}
+
+
+class Faults:
+    """Hooks on the client the code under test uses: EC2 misbehaving the way it does in real life.
+
+    `fail(op, code, times)`: the next `times` calls of `op` answer with an error (never reach moto).
+    `swallow(op, answer, times, when)`: calls answer success without doing anything (a stuck detach,
+    an attach that never lands). `after(op, fn)`: run `fn(params, parsed)` after a real call (to
+    change moto's state behind the API, e.g. flip an attachment back). `calls` counts every call.
+    """
+
+    def __init__(self, ec2: Any):
+        self.ec2 = ec2
+        self.calls: list[str] = []
+        self.params: list[tuple[str, dict[str, Any]]] = []
+        ec2.meta.events.register("provide-client-params.ec2", self._record)
+
+    def _record(self, params: dict[str, Any], model: Any, **kwargs: Any) -> None:
+        self.calls.append(model.name)
+        self.params.append((model.name, dict(params)))
+
+    def count(self, op: str) -> int:
+        return self.calls.count(op)
+
+    def fail(self, op: str, code: str, times: int = 1, *, status: int = 400) -> None:
+        left = [times]
+
+        def handler(**kwargs: Any) -> Any:
+            if left[0] <= 0:
+                return None
+            left[0] -= 1
+            body = {
+                "Error": {"Code": code, "Message": f"injected {code}"},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            }
+            return _Http(status), body
+
+        self.ec2.meta.events.register(f"before-call.ec2.{op}", handler)
+
+    def swallow(
+        self,
+        op: str,
+        answer: dict[str, Any] | None = None,
+        times: int = 1,
+        when: Callable[[dict[str, Any]], bool] = lambda params: True,
+    ) -> None:
+        left = [times]
+
+        def handler(params: dict[str, Any], **kwargs: Any) -> Any:
+            body = params.get("body") or {}
+            if left[0] <= 0 or not when(dict(body) if isinstance(body, dict) else {}):
+                return None
+            left[0] -= 1
+            return _Http(200), dict(answer or {}, ResponseMetadata={"HTTPStatusCode": 200})
+
+        self.ec2.meta.events.register(f"before-call.ec2.{op}", handler)
+
+    def after(self, op: str, fn: Callable[[dict[str, Any]], None], times: int = 1) -> None:
+        left = [times]
+
+        def handler(parsed: dict[str, Any], **kwargs: Any) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                fn(parsed)
+
+        self.ec2.meta.events.register(f"after-call.ec2.{op}", handler)
