@@ -73,7 +73,6 @@ DEFAULTS: Mapping[str, str] = {
     "DO_INIT": "true",
     "DO_CHECKS": "true",
     "PERSONALITY": "0",
-    "VMDISK_MOUNT_OPTIONS": "__default",
 }
 
 # Bounds of the reader (and so of the writer: whatever we write, we can read back).
@@ -142,6 +141,10 @@ def fill_defaults(variables: Mapping[str, str | Sequence[str]] | None = None) ->
 
     MYHOSTNAME defaults to this host's name. VM_SWAP and VMDISK_MOUNT_OPTIONS are left out when
     empty, as obs-build does. Variables obs-build does not know are kept, after its own.
+
+    VMDISK_MOUNT_OPTIONS is what the guest puts in `mount -n ${VMDISK_MOUNT_OPTIONS},remount,rw /`,
+    so it must be resolved, e.g. "-o noatime" (obs-build writes it after vm_set_mount_options);
+    the placeholder "__default" would break that mount and is refused.
     """
     given = dict(variables or {})
     result: dict[str, Value] = {}
@@ -158,6 +161,10 @@ def fill_defaults(variables: Mapping[str, str | Sequence[str]] | None = None) ->
             raise TypeError(f"build.data: {name} is a str, not {type(scalar).__name__}")
         if name in OPTIONAL_VARIABLES and not scalar:
             continue
+        if name == "VMDISK_MOUNT_OPTIONS" and scalar == "__default":
+            raise ValueError(
+                'build.data: VMDISK_MOUNT_OPTIONS must be resolved (e.g. "-o noatime"), not __default'
+            )
         result[name] = _check_value(name, scalar)
     for name, value in given.items():
         result[_check_name(name)] = value if isinstance(value, str) else list(value)

@@ -39,6 +39,7 @@ GOLDEN_INPUT: dict[str, str | list[str]] = {
     "REASON": "it's new",
     "DISTURL": "obs://build.example.org/home:me/openSUSE_Tumbleweed/abc-foo",
     "VM_SWAP": "/dev/vdb",
+    "VMDISK_MOUNT_OPTIONS": "-o noatime",
     "MYHOSTNAME": "worker-1",
     "definesnstuff": ["--define", "_with_foo 1", "--define", "it's $(here)"],
     "repos": ["--repository", "/var/cache/repo"],
@@ -66,7 +67,7 @@ DISTURL='obs://build.example.org/home:me/openSUSE_Tumbleweed/abc-foo'
 DO_INIT='true'
 KIWI_PARAMETERS=''
 VM_SWAP='/dev/vdb'
-VMDISK_MOUNT_OPTIONS='__default'
+VMDISK_MOUNT_OPTIONS='-o noatime'
 PERSONALITY='0'
 MYHOSTNAME='worker-1'
 definesnstuff=('--define' '_with_foo 1' '--define' 'it'\\''s $(here)')
@@ -124,7 +125,7 @@ def test_the_variable_list_is_the_seeds_in_its_order() -> None:
 def test_fill_defaults_gives_obs_builds_defaults_and_drops_empty_optional_ones() -> None:
     filled = fill_defaults({"MYHOSTNAME": "h"})
     assert "VM_SWAP" not in filled  # obs-build: `test -n "$VM_SWAP" && echo ...`
-    assert filled["VMDISK_MOUNT_OPTIONS"] == "__default"
+    assert "VMDISK_MOUNT_OPTIONS" not in filled
     assert filled["DO_INIT"] == "true"
     assert filled["DO_CHECKS"] == "true"
     assert filled["PERSONALITY"] == "0"
@@ -132,6 +133,14 @@ def test_fill_defaults_gives_obs_builds_defaults_and_drops_empty_optional_ones()
     assert filled["RECIPEFILE"] == ""
     assert [n for n in SEED_VARIABLES if n in filled] == list(filled)
     assert fill_defaults({"VMDISK_MOUNT_OPTIONS": ""}).get("VMDISK_MOUNT_OPTIONS") is None
+    assert fill_defaults({"VM_SWAP": "/dev/vdb"})["VM_SWAP"] == "/dev/vdb"
+
+
+def test_fill_defaults_refuses_the_unresolved_mount_options_placeholder() -> None:
+    # the guest runs `mount -n ${VMDISK_MOUNT_OPTIONS},remount,rw /`
+    with pytest.raises(ValueError, match="must be resolved"):
+        fill_defaults({"VMDISK_MOUNT_OPTIONS": "__default"})
+    assert fill_defaults({"VMDISK_MOUNT_OPTIONS": "-o noatime"})["VMDISK_MOUNT_OPTIONS"] == "-o noatime"
 
 
 def test_fill_defaults_uses_the_host_name_and_keeps_extra_variables_last() -> None:
