@@ -3,7 +3,7 @@
 Every tool is required: a missing one fails (runner raises CommandError "command not found").
 reiserfs cannot be mounted by this kernel, so its filesystem is checked with reiserfsck/debugreiserfs.
 Mounts go through `-o loop`, whose loop device the kernel frees at umount; the fixture checks that
-no loop device is left pointing at a test image.
+no loop device is left pointing at a test image. Also: `--vmdisk-clean` on LocalVolume images and devices.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from cloudbuild.disk.image import create_image, device_size, is_block_device, ze
 from cloudbuild.disk.mkfs import FILESYSTEMS, filesystem, make_filesystem, mount_options
 from cloudbuild.disk.mount import mounted
 from cloudbuild.errors import InfraError, UsageError
-from cloudbuild.options import DEFAULT_MOUNT_OPTIONS
+from cloudbuild.options import DEFAULT_MOUNT_OPTIONS, parse
 from cloudbuild.runner import run
+from local_backends.localvolume import LocalVolume, local_volumes
 
 MIB = 1024 * 1024
 # the smallest images each mkfs accepts (xfsprogs wants 300 MiB)
@@ -290,3 +291,84 @@ def test_mount_failure_is_an_infrastructure_error(images: Path, tmp_path: Path) 
     create_image(image, 8)
     with pytest.raises(InfraError, match="cannot mount"), mounted(image, tmp_path / "m", fstype="ext4"):
         pass
+
+
+# --- --vmdisk-clean (LocalVolume) -------------------------------------------------------------
+
+
+def _volumes(*args: str, workdir: Path) -> tuple[LocalVolume, LocalVolume]:
+    pair = local_volumes(parse(list(args)), workdir)
+    assert isinstance(pair.root, LocalVolume) and isinstance(pair.swap, LocalVolume)
+    return pair.root, pair.swap
+
+
+def _mark(image: Path, size_mib: int) -> None:
+    create_image(image, size_mib)
+    with open(image, "r+b") as handle:
+        handle.seek(3 * MIB)
+        handle.write(b"OLD BUILD RESIDUE")
+
+
+def _has_mark(image: Path) -> bool:
+    with open(image, "rb") as handle:
+        handle.seek(3 * MIB)
+        return handle.read(17) == b"OLD BUILD RESIDUE"
+
+
+def test_without_vmdisk_clean_old_images_are_reused(images: Path) -> None:
+    root_img, swap_img = images / "root.img", images / "swap.img"
+    _mark(root_img, 8)
+    _mark(swap_img, 8)
+    root, swap = _volumes(
+        "--vm-disk", str(root_img), "--vm-swap", str(swap_img), "--vm-disk-size", "16", workdir=images
+    )
+    root.create()
+    swap.create()
+    assert _has_mark(root_img) and _has_mark(swap_img)
+    assert device_size(root_img) == 8 * MIB  # reused as it is, not resized
+
+
+def test_vmdisk_clean_deletes_old_image_files_and_creates_new_ones(images: Path) -> None:
+    root_img, swap_img = images / "root.img", images / "swap.img"
+    _mark(root_img, 8)
+    _mark(swap_img, 8)
+    root, swap = _volumes(
+        "--vmdisk-clean", "--vm-disk", str(root_img), "--vm-swap", str(swap_img),
+        "--vm-disk-size", "16", "--vm-swap-size", "12", workdir=images,
+    )  # fmt: skip
+    assert root.clean and swap.clean
+    root.create()
+    swap.create()
+    assert not _has_mark(root_img) and not _has_mark(swap_img)
+    assert (device_size(root_img), device_size(swap_img)) == (16 * MIB, 12 * MIB)
+    # the user named them: cleaned, but kept after the build
+    root.release()
+    swap.release()
+    assert root_img.exists() and swap_img.exists()
+
+
+def test_vmdisk_clean_never_deletes_a_block_device(images: Path) -> None:
+    backing = images / "disk.img"
+    _mark(backing, 8)
+    device = run(["losetup", "--find", "--show", backing]).stdout.strip()
+    try:
+        root, _ = _volumes("--vmdisk-clean", "--vm-disk", device, workdir=images)
+        root.create()
+        root.release()
+        assert is_block_device(Path(device))
+    finally:
+        run(["losetup", "-d", device])
+    assert _has_mark(backing)
+
+
+def test_vmdisk_clean_then_mkfs_gives_a_fresh_filesystem(images: Path, tmp_path: Path) -> None:
+    root_img = images / "root.img"
+    create_image(root_img, 32)
+    make_filesystem(root_img, "ext4")
+    with mounted(root_img, tmp_path / "m", fstype="ext4", options="noatime") as mnt:
+        (mnt / "residue").write_text("old")
+    root, _ = _volumes("--vmdisk-clean", "--vm-disk", str(root_img), "--vm-disk-size", "32", workdir=images)
+    root.create()
+    make_filesystem(root_img, "ext4")
+    with mounted(root_img, tmp_path / "m", fstype="ext4", options="noatime") as mnt:
+        assert not (mnt / "residue").exists()
