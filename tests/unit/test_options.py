@@ -420,3 +420,9 @@ def test_help_names_the_exit_codes(build_help: str) -> None:
     assert "exit codes" in build_help
     for code in "01234":
         assert f"{code} " in build_help
+
+
+def test_docs_options_md_names_every_spelling() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "options.md").read_text()
+    missing = [n for n, _ in ALL_SPELLINGS if f"`--{n}`" not in doc and f"`-{n}`" not in doc]
+    assert missing == []
