@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import threading
+
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
+from cloudbuild.cloud.common import TAG_POOL
+from cloudbuild.cloud.ec2 import Ec2Limits
 from cloudbuild.errors import ExitCode
+from cloudbuild.volume import TAG_BUILD, TAG_OWNER
 from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+    FAST,
+    BuilderRun,
     Ec2World,
     FakeHostSteps,
+    Faults,
     ListConsole,
     aws_fixture,
     console_from_emulator_fixture,
     ec2_leftovers_fixture,
     ec2_world_fixture,
+    fake_build,
     moto_server_fixture,
 )
 
@@ -30,3 +39,151 @@ def test_build_runs_on_a_builder_and_leaves_nothing(ec2_world: Ec2World) -> None
     assert (ec2_world.tmp / "dest-b1" / "result").read_bytes().startswith(b"RESULT-OF-i-")
     assert b"root staged ok" in console.text
     assert steps.calls == ["prepare_root", "reset_swap", "read_status", "extract"]
+
+
+def test_failed_build_is_exit_1_and_cleans_up(ec2_world: Ec2World) -> None:
+    ec2_world.emulator.play = fake_build(1)
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.BUILD_FAILED
+
+
+def test_console_is_streamed_incrementally_without_repeats(ec2_world: Ec2World) -> None:
+    lines = [b"line %03d of the build log\n" % i for i in range(60)]
+
+    def play(run: BuilderRun) -> None:
+        fake_build(0)(run)
+        for line in lines:
+            run.console(line)
+            threading.Event().wait(0.002)
+
+    ec2_world.emulator.play = play
+    console = ListConsole()
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), console)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    text = console.text
+    assert text.endswith(b"".join(lines))
+    assert all(text.count(line) == 1 for line in lines)
+    assert len(console.chunks) > 1  # it arrived in pieces, while the builder ran
+
+
+def test_build_timeout_stops_the_builder_exit_3(ec2_world: Ec2World) -> None:
+    release = threading.Event()
+
+    def hang(run: BuilderRun) -> None:
+        run.outcome = "hang"
+        release.wait(10)
+
+    ec2_world.emulator.play = hang
+    try:
+        outcome = run_build(job(ec2_world, boot=0.5), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    finally:
+        release.set()
+    assert outcome.exit_code == ExitCode.INFRA
+    assert "timeout" in outcome.message or "deadline" in outcome.message
+    builders = ec2_world.emulator.runs
+    state = ec2_world.ec2.describe_instances(InstanceIds=[builders[0].instance_id])["Reservations"][0][
+        "Instances"
+    ][0]
+    assert state["State"]["Name"] == "terminated"
+
+
+def test_builder_that_vanishes_is_exit_3(ec2_world: Ec2World) -> None:
+    def vanish(run: BuilderRun) -> None:
+        run.outcome = "vanish"
+
+    ec2_world.emulator.play = vanish
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.INFRA and "crashed" in outcome.message
+
+
+def test_no_capacity_for_the_builder_is_exit_3_and_volumes_go(ec2_world: Ec2World) -> None:
+    faults = Faults(ec2_world.ec2)
+    faults.fail("RunInstances", "InsufficientInstanceCapacity", times=1)
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.INFRA and "InsufficientInstanceCapacity" in outcome.message
+    assert faults.count("DeleteVolume") == 2
+
+
+def test_instance_quota_is_exit_3(ec2_world: Ec2World) -> None:
+    Faults(ec2_world.ec2).fail("RunInstances", "InstanceLimitExceeded", times=1)
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.INFRA
+
+
+def test_attach_to_the_builder_timing_out_is_exit_3_and_terminates_it(ec2_world: Ec2World) -> None:
+    faults = Faults(ec2_world.ec2)
+    builder_ids: list[str] = []
+    faults.after("RunInstances", lambda parsed: builder_ids.append(parsed["Instances"][0]["InstanceId"]))
+    faults.swallow(
+        "AttachVolume",
+        {"State": "attaching"},
+        times=5,
+        when=lambda body: body.get("InstanceId") != ec2_world.worker_id,
+    )
+    limits = Ec2Limits(**{**FAST.__dict__, "attach": 0.3, "flip_grace": 10.0})
+    outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.INFRA
+    state = ec2_world.ec2.describe_instances(InstanceIds=builder_ids)["Reservations"][0]["Instances"][0][
+        "State"
+    ]
+    assert state["Name"] == "terminated"
+
+
+def test_warm_pool_reuses_a_stopped_builder(ec2_world: Ec2World) -> None:
+    ec2_world.aws.allow_pool = True
+    faults = Faults(ec2_world.ec2)
+    first = run_build(job(ec2_world, "b1"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), ListConsole())
+    assert first.exit_code == ExitCode.OK, first.message
+    assert (faults.count("RunInstances"), faults.count("StartInstances")) == (1, 0)
+    pool = ec2_world.ec2.describe_instances(
+        Filters=[{"Name": f"tag:{TAG_POOL}", "Values": [ec2_world.worker_id]}]
+    )
+    members = [i for r in pool["Reservations"] for i in r["Instances"]]
+    assert [m["State"]["Name"] for m in members] == ["stopped"]
+    second = run_build(job(ec2_world, "b2"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), ListConsole())
+    assert second.exit_code == ExitCode.OK, second.message
+    assert (faults.count("RunInstances"), faults.count("StartInstances")) == (1, 1)
+    assert [r.instance_id for r in ec2_world.emulator.runs] == [members[0]["InstanceId"]] * 2
+    assert (ec2_world.tmp / "dest-b2" / "result").read_bytes() == b"RESULT-OF-" + members[0][
+        "InstanceId"
+    ].encode()
+    # the pool member carries no build and is swept only with its worker
+    tags = {
+        t["Key"]: t["Value"]
+        for t in ec2_world.ec2.describe_instances(InstanceIds=[members[0]["InstanceId"]])["Reservations"][0][
+            "Instances"
+        ][0]["Tags"]
+    }
+    assert tags[TAG_BUILD] == "" and tags[TAG_OWNER] == ec2_world.worker_id
+    ec2_world.ec2.terminate_instances(InstanceIds=[members[0]["InstanceId"]])
+
+
+def test_verify_needs_an_ami_and_creates_nothing(ec2_world: Ec2World) -> None:
+    faults = Faults(ec2_world.ec2)
+    outcome = run_build(
+        job(ec2_world), ec2_world.backend(ec2_builder_ami=None), FakeHostSteps(), ListConsole()
+    )
+    assert outcome.exit_code == ExitCode.BUILD_FAILED and "--ec2-builder-ami" in outcome.message
+    assert faults.count("CreateVolume") == 0
+
+
+def test_subnet_in_another_zone_is_refused(ec2_world: Ec2World) -> None:
+    vpc = ec2_world.ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2_world.ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone="us-east-1b")[
+        "Subnet"
+    ]["SubnetId"]
+    outcome = run_build(job(ec2_world), ec2_world.backend(ec2_subnet=subnet), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.BUILD_FAILED and "us-east-1b" in outcome.message
+
+
+def test_identity_comes_from_imds_when_not_given(ec2_world: Ec2World) -> None:
+    outcome = run_build(job(ec2_world), ec2_world.backend(via_imds=True), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert any(r[1] == "/latest/api/token" for r in ec2_world.imds.requests)
+
+
+def test_backend_is_registered_as_ec2() -> None:
+    from cloudbuild.backend import backend_class
+    from cloudbuild.cloud.ec2 import Ec2Backend
+
+    assert backend_class("ec2") is Ec2Backend and Ec2Backend.channel == "swap"
