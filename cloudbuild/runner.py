@@ -35,9 +35,19 @@ class CommandError(InfraError):
         self.returncode = returncode
         self.stderr = stderr
         self.timed_out = timed_out
-        tail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        tail = _reason(stderr)
         what = "timed out" if timed_out else f"exited {returncode}"
         super().__init__(f"{argv[0]} {what}" + (f": {tail}" if tail else ""))
+
+
+def _reason(stderr: str) -> str:
+    """The line of stderr that says what broke: the last one, skipping indented continuation lines
+    (mount ends with "       dmesg(1) may have more information ..." after the real reason)."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line[:1].isspace():
+            return line.strip()
+    return lines[-1].strip() if lines else ""
 
 
 def _argv(argv: Sequence[Arg]) -> list[str]:

@@ -177,3 +177,14 @@ def test_which_finds_executables_and_sbin_tools(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("PATH", "/nonexistent")
     assert which("tool", extra_dirs=(str(tmp_path),)) == tool
     assert which("mkfs.ext4") is not None  # /usr/sbin even without it on PATH
+
+
+def test_the_message_names_the_reason_not_an_indented_hint() -> None:
+    # mount(8): the reason, then "       dmesg(1) may have more information ..."
+    stderr = "mount: /mnt: wrong fs type, bad option.\n       dmesg(1) may have more information.\n"
+    assert (
+        str(CommandError(["mount", "x"], 32, stderr))
+        == "mount exited 32: mount: /mnt: wrong fs type, bad option."
+    )
+    assert str(CommandError(["x"], 1, "   only indented\n\n")) == "x exited 1: only indented"
+    assert str(CommandError(["x"], 1, "a\nb\n\n  \n")) == "x exited 1: b"
