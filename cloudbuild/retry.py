@@ -55,6 +55,14 @@ def _before_sleep(what: str) -> Callable[[tenacity.RetryCallState], None]:
     return hook
 
 
+def _backoff(policy: Policy) -> tenacity.wait.wait_base:
+    """Exponential backoff with jitter from `policy.initial` up to `policy.maximum`."""
+    try:
+        return tenacity.wait_exponential_jitter(multiplier=policy.initial, max=policy.maximum)
+    except TypeError:  # tenacity before `multiplier` existed: `initial` was the factor (deprecated since)
+        return tenacity.wait_exponential_jitter(initial=policy.initial, max=policy.maximum)
+
+
 def call_with_retries(
     fn: Callable[[], T],
     *,
@@ -66,7 +74,7 @@ def call_with_retries(
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_transient),
         stop=tenacity.stop_after_delay(policy.deadline) | tenacity.stop_after_attempt(policy.attempts),
-        wait=tenacity.wait_exponential_jitter(initial=policy.initial, max=policy.maximum),
+        wait=_backoff(policy),
         sleep=lambda s: _sleep(s),
         before_sleep=_before_sleep(what),
         reraise=True,
