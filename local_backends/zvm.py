@@ -8,7 +8,7 @@ build worker (while it builds) or linked here, at a local device number, and set
   so up to 100 workers share one controller;
 - the worker's root/swap minidisks default to 0150 and 0250 (`--vm-volumes ROOT SWAP` overrides);
 - the controller's own root (0150 here) is never detached;
-- before a build, `worker_init` removes what a crashed run left (mounts, online DASDs, links),
+- before a build (in `verify`, as obs-build), `worker_init` removes what a crashed run left (mounts, online DASDs, links),
   then forces the worker off and logs it on again (`xautolog`), redefines its memory
   (`define storage`, which resets it) and takes the minidisks away from it;
 - boot: link both minidisks into the worker, IPL its root, follow the IUCV console until it ends
@@ -262,6 +262,8 @@ class ZvmBackend(Backend):
         for tool in ("vmcp", "dasd_configure", "lsdasd"):
             if which(tool) is None:
                 raise UsageError(f"--vm-type zvm: {tool} not found (install s390-tools)")
+        # obs-build's vm_verify_options_zvm: before any disk is touched, the worker is reset
+        self.worker_init(self.minidisks())
 
     def minidisks(self) -> VolumePair:
         root, swap = self.disks
@@ -278,8 +280,8 @@ class ZvmBackend(Backend):
         )
 
     def volumes(self, slot: BuildSlot) -> VolumePair:
+        """The worker's minidisks (no side effects: `cloudbuild kill` calls this too)."""
         self.pair = self.minidisks()
-        self.worker_init(self.pair)
         return self.pair
 
     def worker_init(self, pair: VolumePair) -> None:

@@ -7,8 +7,9 @@ writer (`cloudbuild.disk.blocklist`), then `BUILDSTATUS<n>` at offset 0. The hos
 extracts them through the real extraction code, so a test proves the whole channel.
 
 `spec` (JSON, kept in the fake's state):
-    {"status": 0, "files": {"RPMS/a.rpm": "text" | {"repeat": "ab", "size": 5000}},
-     "symlinks": {"RPMS/latest.rpm": "a.rpm"}, "console": "build log ..."}
+    {"status": 0, "files": {"results/RPMS/a.rpm": "text" | {"repeat": "ab", "size": 5000}},
+     "symlinks": {"results/RPMS/latest.rpm": "a.rpm"}, "console": "build log ..."}
+Names are relative to /.build.out, the folder the host extracts (results/ and _statistics).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from cloudbuild.disk import blocklist, buildstatus
 
-RESULTS = ".build.packages"
+OUT_DIR = ".build.out"  # the agent's folder: results/ and _statistics (cloudbuild/buildroot/stage.py)
 
 
 def content(value: Any) -> bytes:
@@ -55,7 +56,7 @@ def play(root: Path, swap: Path | None, spec: dict[str, Any]) -> dict[str, Any]:
         seen["root_entries"] = sorted(os.listdir(mnt))
         data = mnt / ".build" / "build.data"
         seen["build_data"] = data.read_text(errors="replace") if data.is_file() else None
-        out = mnt / RESULTS
+        out = mnt / OUT_DIR
         out.mkdir(exist_ok=True)
         names: list[str] = []
         for name, value in spec.get("files", {}).items():

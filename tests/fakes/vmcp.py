@@ -48,7 +48,7 @@ def new_state(sys_root: Path, dev_root: Path, minidisks: dict[str, dict[str, str
         "local_links": {},
         "online": {},
         "memory": {},
-        "guest": {"status": 0, "files": {}},
+        "guest": {"status": 0, "files": {"results/ok.txt": "ok\n"}},
         "console": "",
         "guest_seen": None,
         "sys_root": str(sys_root),
@@ -218,7 +218,8 @@ def main(tool: str, handler: Callable[[dict[str, Any], list[str]], str], argv: l
         out = handler(state, argv)
         rc = 0
     except Refused as exc:
-        state["errors"].append(f"{tool} {' '.join(argv)}: {exc}")
+        if argv[:1] not in (["q"], ["query"]):  # "not logged on" / "does not exist" are answers
+            state["errors"].append(f"{tool} {' '.join(argv)}: {exc}")
         sys.stderr.write(f"{exc}\n")
         out, rc = "", exc.rc
     save(path, state)

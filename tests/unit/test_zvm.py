@@ -11,13 +11,18 @@ from typing import Any
 import pytest
 
 from cloudbuild.backend import BuildSlot, ExitReason, create_backend
+from cloudbuild.commands.kill import kill_slot
 from cloudbuild.disk import buildstatus
-from cloudbuild.errors import InfraError, UsageError
+from cloudbuild.errors import ExitCode, InfraError, UsageError
 from cloudbuild.options import parse
 from cloudbuild.volume import Role, VolumeState
 from local_backends import zvm
 from local_backends.zvm import ZvmBackend, ZvmMinidisk, bus_id, local_devnr
-from tests.fakes import dasd, vmcp
+from tests.fakes import dasd, guestplay, vmcp
+from tests.vm import localbuild
+from tests.vm.localbuild import flow, recipe, sha, tree
+
+rootfs = localbuild.rootfs  # the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = "BUILD07"
@@ -127,6 +132,7 @@ def test_verify_names_what_is_missing(zvm_env: ZvmEnv) -> None:
     with pytest.raises(UsageError, match="4-digit"):
         zvm_env.backend("--vm-volumes", "150", "250").verify()
     zvm_env.backend().verify()
+    assert zvm_env.state()["logged_on"][WORKER] is True  # worker_init ran
 
 
 def test_worker_init_removes_stale_links_restarts_worker_and_takes_its_disks(zvm_env: ZvmEnv) -> None:
@@ -137,6 +143,7 @@ def test_worker_init_removes_stale_links_restarts_worker_and_takes_its_disks(zvm
     vmcp.save(zvm_env.state_path, state)
     subprocess.run(["dasd_configure", "0.0.0307", "1", "0"], check=True)
     backend = zvm_env.backend("--vm-memory", "2048")
+    backend.verify()
     pair = backend.volumes(BuildSlot("b1", 7, zvm_env.tmp))
     state = zvm_env.state()
     assert state["online"] == {} and state["local_links"] == {}
@@ -155,6 +162,7 @@ def test_worker_init_removes_stale_links_restarts_worker_and_takes_its_disks(zvm
 
 def test_attach_here_links_sets_online_and_returns_the_first_partition(zvm_env: ZvmEnv) -> None:
     backend = zvm_env.backend()
+    backend.verify()
     pair = backend.volumes(BuildSlot("b1", 7, zvm_env.tmp))
     device = pair.root.attach()
     assert device == zvm_env.tmp / "dev" / "dasdb1"
@@ -178,9 +186,12 @@ def test_a_disk_linked_into_the_worker_is_not_linked_here_behind_its_back(zvm_en
 
 def test_boot_links_disks_into_the_worker_ipls_and_takes_them_back(zvm_env: ZvmEnv) -> None:
     subprocess.run(["mkfs.ext4", "-q", "-F", zvm_env.root_image], check=True)
-    zvm_env.update(guest={"status": 0, "files": {"RPMS/a.rpm": "rpm"}, "console": "hello from BUILD07\n"})
+    zvm_env.update(
+        guest={"status": 0, "files": {"results/RPMS/a.rpm": "rpm"}, "console": "hello from BUILD07\n"}
+    )
     backend = zvm_env.backend()
     slot = BuildSlot("b1", 7, zvm_env.tmp)
+    backend.verify()
     pair = backend.volumes(slot)
     console = ListConsole()
     result = backend.boot_and_wait(pair, slot, timeout=60, console=console)
@@ -216,3 +227,70 @@ def test_fixup_writes_the_boot_record_with_the_agent_as_init(zvm_env: ZvmEnv) ->
     assert f"init={zvm.GUEST_INIT}" in params and "vmpoff=LOGOFF" in params
     assert (buildroot / "boot" / "cloudbuild.initrd").read_bytes() == b"initrd"
     assert (buildroot / "boot" / "zipl" / "bootmap").exists()
+
+
+def test_whole_build_through_the_fakes_with_real_staging_and_extraction(
+    zvm_env: ZvmEnv, rootfs: Path
+) -> None:
+    payload = {"repeat": "zvm-", "size": 200_001}
+    zvm_env.update(
+        guest={
+            "status": 0,
+            "files": {"results/RPMS/s390x/hello.rpm": payload, "_statistics": "MAX_mb_used_on_disk: 3\n"},
+            "symlinks": {"results/hello.rpm": "RPMS/s390x/hello.rpm"},
+            "console": "IPL from 0150\nbuild done\n",
+        }
+    )
+    script = recipe(zvm_env.tmp / "src", "true\n")
+    options = parse([*zvm_env.options("--vm-memory", "1024"), "--rootfs", str(rootfs)])
+    outcome, console = flow(create_backend(options), options, zvm_env.tmp, script)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert tree(zvm_env.tmp / "out") == {
+        "RPMS": "d",
+        "RPMS/s390x": "d",
+        "RPMS/s390x/hello.rpm": sha(guestplay.content(payload)),
+        "hello.rpm": "l:RPMS/s390x/hello.rpm",
+    }
+    assert (zvm_env.tmp / "out.statistics").read_text() == "MAX_mb_used_on_disk: 3\n"
+    assert b"build done" in console.data
+    state = zvm_env.state()
+    assert state["errors"] == [], state["errors"]
+    assert state["local_links"] == {} and state["online"] == {}
+    assert state["memory"][WORKER] == "1024M"
+    # the guest got a staged root with a boot record
+    assert ".build" in state["guest_seen"]["root_entries"] and "boot" in state["guest_seen"]["root_entries"]
+    calls = zvm_env.calls()
+    order = [
+        ["xautolog", WORKER],
+        ["link", WORKER, "0150", "307", "MW"],  # prepare the root here
+        ["detach", "307"],
+        ["link", WORKER, "0250", "407", "MW"],  # reset the swap
+        ["send", WORKER, "cp", "link", "*", "0150", "0150"],
+        ["send", WORKER, "cp", "ipl", "0150"],
+    ]
+    positions = [calls.index(c) for c in order]
+    assert positions == sorted(positions)
+    assert len(zvm_env.calls("zipl")) == 1
+
+
+def test_failed_build_on_zvm_extracts_nothing(zvm_env: ZvmEnv, rootfs: Path) -> None:
+    zvm_env.update(guest={"status": 1, "files": {"results/x": "x"}})
+    script = recipe(zvm_env.tmp / "src", "true\n")
+    options = parse([*zvm_env.options(), "--rootfs", str(rootfs)])
+    outcome, _ = flow(create_backend(options), options, zvm_env.tmp, script)
+    assert outcome.exit_code == ExitCode.BUILD_FAILED
+    assert not (zvm_env.tmp / "out").exists()
+    assert zvm_env.state()["local_links"] == {}
+
+
+def test_cloudbuild_kill_forces_the_worker_then_marks_the_swap(zvm_env: ZvmEnv) -> None:
+    backend = zvm_env.backend()
+    backend.logon()
+    kill_slot(zvm_env.backend(), BuildSlot("k1", 7, zvm_env.tmp))
+    state = zvm_env.state()
+    assert state["logged_on"][WORKER] is False
+    assert buildstatus.read(zvm_env.swap_image) == 1
+    assert state["local_links"] == {} and state["online"] == {}
+    calls = zvm_env.calls()
+    assert calls.index(["force", WORKER]) < calls.index(["link", WORKER, "0250", "407", "MW"])
+    kill_slot(zvm_env.backend(), BuildSlot("k1", 7, zvm_env.tmp))  # again: nothing running, fine
