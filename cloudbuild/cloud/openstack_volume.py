@@ -302,6 +302,8 @@ class CinderVolume(Volume):
         snap = self._get()
         if snap is None or snap.status in ("available", "deleting"):
             return
+        if snap.status in FAILED and not snap.attached_to:
+            return  # nothing holds it; an errored volume can still be deleted
         if snap.status in SETTLING:
             snap = self._wait_settled("settled before detaching", t.detach)
         for server in snap.attached_to if snap.status == "in-use" else ():

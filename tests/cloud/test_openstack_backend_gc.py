@@ -116,6 +116,30 @@ def test_gc_sweeps_servers_and_volumes_of_a_gone_worker_on_the_second_sighting(
     assert emu.fake.resources()["volumes"] == [untagged]  # never touched
 
 
+def test_gc_deletes_volumes_in_error_and_servers_in_error(emu: Emulation, api: Api) -> None:
+    ids = leftovers(api, owner="0b9a1f6e-dead-4c6e-9f5e-000000000000")
+    emu.fake.set_server_error(ids["server"])
+    adapter = gc_adapter(api=api)
+    sweep(adapter, min_age=0)
+    with emu.fake._lock:
+        stray = emu.fake.cloud.create_volume(
+            name="x",
+            size=1,
+            volume_type="__DEFAULT__",
+            availability_zone="nova",
+            description=None,
+            metadata=build_tags(owner="gone", build="lost", slot=1, expires=utcnow(), role="root"),
+        )
+        stray.set_status("error")
+        stray.begin()
+    second = sweep(adapter, min_age=0)
+    assert second.ok, second.failed
+    assert sorted(second.deleted) == sorted(ids.values()) and second.marked == [stray.id]
+    third = sweep(adapter, min_age=0)
+    assert third.ok, third.failed
+    assert third.deleted == [stray.id]
+
+
 def test_gc_waits_min_age_between_sightings(emu: Emulation, api: Api) -> None:
     ids = leftovers(api, owner="0b9a1f6e-dead-4c6e-9f5e-000000000000")
     adapter = gc_adapter(api=api)
