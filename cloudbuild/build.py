@@ -22,7 +22,15 @@ from typing import Protocol
 
 from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason
 from cloudbuild.deadline import Deadline
-from cloudbuild.errors import BuildFailed, CloudbuildError, ExitCode, InfraError, Unchanged, exit_code_for
+from cloudbuild.errors import (
+    BuildFailed,
+    CloudbuildError,
+    DeadlineExceeded,
+    ExitCode,
+    InfraError,
+    Unchanged,
+    exit_code_for,
+)
 from cloudbuild.log import bound, get_logger
 from cloudbuild.volume import Volume, VolumePair
 
@@ -203,26 +211,29 @@ class Orchestrator:
     def _cleanup(self) -> str | None:
         """Detach and delete everything created for this build; return the first failure, if any."""
         first_error: str | None = None
-        with self.phase("cleanup", self.job.limits.cleanup):
-            if self._running:
-                # boot_and_wait failed: a machine that may still run holds the volumes, stop it first
-                try:
-                    self.backend.kill()
-                except Exception as exc:
-                    log.error("backend kill failed", error=str(exc))
-                    first_error = f"backend kill: {exc}"
-            for volume in reversed(self._created):
-                with bound(volume=volume.id, role=volume.role.value):
+        try:
+            with self.phase("cleanup", self.job.limits.cleanup):
+                if self._running:
+                    # boot_and_wait failed: a machine that may still run holds the volumes, stop it first
                     try:
-                        volume.release()
+                        self.backend.kill()
                     except Exception as exc:
-                        log.error("volume release failed", error=str(exc))
-                        first_error = first_error or f"{volume!r}: {exc}"
-            try:
-                self.backend.cleanup()
-            except Exception as exc:
-                log.error("backend cleanup failed", error=str(exc))
-                first_error = first_error or f"backend cleanup: {exc}"
+                        log.error("backend kill failed", error=str(exc))
+                        first_error = f"backend kill: {exc}"
+                for volume in reversed(self._created):
+                    with bound(volume=volume.id, role=volume.role.value):
+                        try:
+                            volume.release()
+                        except Exception as exc:
+                            log.error("volume release failed", error=str(exc))
+                            first_error = first_error or f"{volume!r}: {exc}"
+                try:
+                    self.backend.cleanup()
+                except Exception as exc:
+                    log.error("backend cleanup failed", error=str(exc))
+                    first_error = first_error or f"backend cleanup: {exc}"
+        except DeadlineExceeded as exc:  # every step ran; it just took too long: report, never raise
+            first_error = first_error or str(exc)
         return first_error
 
 

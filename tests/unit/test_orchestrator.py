@@ -332,3 +332,14 @@ def test_volume_events_carry_the_volume_and_role(tmp_path: Path) -> None:
     failed = [e for e in logs if e["event"] == "volume release failed"]
     assert len(failed) == 1
     assert (failed[0]["volume"], failed[0]["role"], failed[0]["phase"]) == ("vol-root", "root", "cleanup")
+
+
+def test_a_cleanup_over_its_deadline_is_reported_not_raised(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.job = BuildJob(
+        build_id="b1", dest=tmp_path / "d", workdir=tmp_path / "w", limits=PhaseLimits(cleanup=-1.0)
+    )
+    outcome = world.run()  # run() never raises for infrastructure failures
+    assert outcome.exit_code == ExitCode.INFRA
+    assert "cleanup took longer than its deadline" in outcome.message
+    world.assert_nothing_left()
