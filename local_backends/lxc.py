@@ -117,9 +117,9 @@ class LxcBackend(DirectoryBackend):
         argv = ["lxc-start", "-n", name, "-P", str(self.lxcpath), "-f", str(config), "-F"]
         argv += ["-o", str(self.workdir / "lxc.log"), "-l", "WARN"] if self.workdir else []
         console.write(b"starting lxc container...\n")
-        exit_ = vmproc.run_machine(argv, console, timeout=timeout, started=self._procs)
-        if exit_.timed_out:
-            self._stop(name)
+        exit_ = vmproc.run_machine(
+            argv, console, timeout=timeout, started=self._procs, stop=lambda: self._stop(name)
+        )
         return self.result(exit_)
 
     def _stop(self, name: str) -> None:

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -47,11 +47,13 @@ def run_machine(
     env: Mapping[str, str] | None = None,
     cwd: Arg | None = None,
     started: list[subprocess.Popen[bytes]] | None = None,
+    stop: Callable[[], None] | None = None,
 ) -> ProcessExit:
     """Run the machine's process to its end with stdout+stderr on `console`; kill it at `timeout`.
 
     `started` receives the process as soon as it runs, so `Backend.kill()` from another thread
-    can stop it.
+    can stop it. `stop` is the machine's own way to stop (e.g. `lxc-stop -k`), tried at the
+    timeout before the process is terminated.
     """
     proc = spawn(argv, env=env, cwd=cwd)
     if started is not None:
@@ -63,6 +65,11 @@ def run_machine(
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         log.warning("build timeout: stopping the machine", seconds=timeout, pid=proc.pid)
+        if stop is not None:
+            try:
+                stop()
+            except Exception as exc:
+                log.error("stopping the machine failed, terminating its process", error=str(exc))
         terminate(proc)
         return ProcessExit(None, timed_out=True)
     finally:

@@ -146,3 +146,44 @@ def flow(
     console = ListConsole()
     outcome = run_build(BuildJob(build_id, tmp_path / "out", workdir, **job), backend, steps, console)
     return outcome, console
+
+
+HOSTILE_RECIPE = """\
+R=$BUILD_RESULTS
+mkdir -p $R/RPMS
+cp input.bin $R/RPMS/input.bin
+ln -s RPMS/input.bin $R/good-link
+ln -s . $R/here
+ln -s /etc/passwd $R/abs-link
+ln -s ../../../../../../../../etc/passwd $R/rel-escape
+ln -s here/.. $R/chain-escape
+ln /bin/busybox $R/hardlink
+mkfifo $R/fifo
+mknod $R/null c 1 3
+mknod $R/disk b 7 0
+sleep 1000 &
+echo planted
+"""
+
+
+def hostile_expected(input_sha: str, busybox_sha: str) -> dict[str, str]:
+    """What may come back of HOSTILE_RECIPE: files, folders and the links that stay inside."""
+    return {
+        "RPMS": "d",
+        "RPMS/input.bin": input_sha,
+        "good-link": "l:RPMS/input.bin",
+        "here": "l:.",
+        "hardlink": busybox_sha,
+    }
+
+
+def wait_for_file(pattern: str, timeout: float = 60) -> Path:
+    from cloudbuild.retry import wait_for
+
+    def probe() -> Path | None:
+        import glob
+
+        found = glob.glob(pattern)
+        return Path(found[0]) if found else None
+
+    return wait_for(probe, what=pattern, timeout=timeout, interval=0.1)

@@ -1,0 +1,125 @@
+"""Real LXC builds (`--vm-type lxc`) through the `cloudbuild` command; no container may outlive a test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm import localbuild
+from tests.vm.localbuild import (
+    HOSTILE_RECIPE,
+    cli_build,
+    cli_kill,
+    hostile_expected,
+    mounts_under,
+    processes_mentioning,
+    recipe,
+    sha,
+    spawn_build,
+    tree,
+    wait_for_file,
+)
+
+pytestmark = pytest.mark.vm
+rootfs = localbuild.rootfs
+cache = localbuild.cache
+VM = "lxc"
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(tmp_path: Path) -> Iterator[None]:
+    yield
+    assert mounts_under(tmp_path) == []
+    assert list(tmp_path.glob("cloudbuild-*")) == []  # lxcpath with the container is gone too
+    left = processes_mentioning(str(tmp_path))
+    for pid in left:
+        os.kill(pid, 9)
+    assert left == []
+
+
+def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(2 * 1024 * 1024 + 7)
+    (src / "input.bin").write_bytes(data)
+    script = recipe(
+        src,
+        "mkdir -p $BUILD_RESULTS/RPMS/noarch\n"
+        "cp input.bin $BUILD_RESULTS/RPMS/noarch/input.bin\n"
+        "echo -n generated > $BUILD_RESULTS/RPMS/gen.txt\n"
+        "ln -s noarch/input.bin $BUILD_RESULTS/RPMS/latest\n"
+        "test -e /proc/self/status && test -c /dev/null && test -d /dev/pts\n"
+        "echo built in $(pwd)\n",
+    )
+    proc = cli_build(tmp_path, cache, VM, rootfs, script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tree(tmp_path / "out") == {
+        "RPMS": "d",
+        "RPMS/noarch": "d",
+        "RPMS/noarch/input.bin": sha(data),
+        "RPMS/gen.txt": sha(b"generated"),
+        "RPMS/latest": "l:noarch/input.bin",
+    }
+    assert "built in /.build-srcdir" in (tmp_path / "out.log").read_text()
+    assert "MAX_mb_used_on_disk" in (tmp_path / "out.statistics").read_text()
+    assert list(tmp_path.glob("cloudbuild-*")) == []  # the work folder is gone
+
+
+def test_planted_links_and_special_files_never_reach_the_host(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(100_000)
+    (src / "input.bin").write_bytes(data)
+    proc = cli_build(tmp_path, cache, VM, rootfs, recipe(src, HOSTILE_RECIPE))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    busybox = (rootfs / "bin" / "busybox").read_bytes()
+    assert tree(tmp_path / "out") == hostile_expected(sha(data), sha(busybox))
+    for skipped in ("abs-link", "rel-escape", "chain-escape", "fifo", "null", "disk"):
+        assert skipped in proc.stderr  # each one is named in a warning
+
+
+def test_a_symlinked_results_folder_is_refused(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    script = recipe(tmp_path / "src", "rm -rf $BUILD_RESULTS\nln -s /etc $BUILD_RESULTS\n")
+    proc = cli_build(tmp_path, cache, VM, rootfs, script)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_a_failing_recipe_fails_the_build_and_extracts_nothing(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    script = recipe(
+        tmp_path / "src", "mkdir -p $BUILD_RESULTS/RPMS\necho x > $BUILD_RESULTS/RPMS/x\nexit 7\n"
+    )
+    proc = cli_build(tmp_path, cache, VM, rootfs, script)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_build_timeout_stops_everything(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    script = recipe(tmp_path / "src", "sleep 1000\n")
+    proc = cli_build(tmp_path, cache, VM, rootfs, script, "--build-timeout", "3")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+
+
+def test_cloudbuild_kill_stops_the_build_which_then_fails(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    script = recipe(tmp_path / "src", "touch $BUILD_RESULTS/started\nsleep 1000\n")
+    build = spawn_build(tmp_path, cache, VM, rootfs, script, "--build-id", "killme")
+    try:
+        wait_for_file(str(tmp_path / "cloudbuild-killme-*/root/.build.out/results/started"))
+        killed = cli_kill(tmp_path, cache, VM, "killme")
+        assert killed.returncode == 0, killed.stderr
+        _, stderr = build.communicate(timeout=60)
+    finally:
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 1, stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    again = cli_kill(tmp_path, cache, VM, "killme")
+    assert again.returncode == 0 and "no build killme is running" in again.stderr
