@@ -204,6 +204,7 @@ class Agent:
 
     def run(self) -> int:
         status = 3
+        self.swap = self.config.swap  # known before build.data: a failure to read it is reported too
         try:
             self.second_stage()
             status = self.build()
@@ -267,13 +268,14 @@ class Agent:
         }
         say(f"running {path} ...")
         started = time.monotonic()
+        null = os.open("/dev/null", os.O_RDONLY)  # before the chroot: the root may have no /dev yet
         pid = os.fork()
         if pid == 0:  # the recipe
             try:
+                os.dup2(null, 0)
+                os.close(null)
                 os.chroot(self.root)
                 os.chdir(srcdir if os.path.isdir(srcdir) else "/")
-                null = os.open("/dev/null", os.O_RDONLY)
-                os.dup2(null, 0)
                 try:
                     os.execve(path, [path], env)
                 except OSError as exc:
@@ -284,6 +286,7 @@ class Agent:
                 sys.stderr.write(f"cannot run {path}: {exc.strerror}\n")
                 sys.stderr.flush()
             os._exit(127)
+        os.close(null)
         _, wait_status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(wait_status)
         self.times["TIME_main_build"] = round(time.monotonic() - started)

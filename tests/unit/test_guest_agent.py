@@ -1,0 +1,172 @@
+"""The guest agent on the host: the whole 2nd stage except the VM (root folder mode, --container)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudbuild.buildroot import stage
+from cloudbuild.commands.rootfs import busybox_rootfs
+from cloudbuild.disk import buildstatus
+from cloudbuild.disk.extract import extract_results
+from cloudbuild.guest import agent
+from cloudbuild.options import VmOptions
+
+
+def test_arguments_default_to_the_kernel_command_line() -> None:
+    config = agent.parse_args(
+        [], {"root": "/dev/vda", "rootfstype": "xfs", "rootflags": "noatime", "cloudbuild.swap": "/dev/vdb"}
+    )
+    assert (config.root_device, config.fstype, config.mount_options, config.swap) == (
+        "/dev/vda",
+        "xfs",
+        "noatime",
+        "/dev/vdb",
+    )
+    assert config.poweroff and not config.container
+    config = agent.parse_args(["--root-dir=/srv/root", "--container", "--swap", "/x"], {"root": "/dev/vda"})
+    assert (config.root_dir, config.root_device, config.swap, config.poweroff) == (
+        "/srv/root",
+        None,
+        "/x",
+        False,
+    )
+    with pytest.raises(SystemExit):
+        agent.parse_args([], {})
+    with pytest.raises(SystemExit):
+        agent.parse_args(["--bogus"], {"root": "/dev/vda"})
+
+
+def test_result_paths_are_find_like_and_never_follow_links(tmp_path: Path) -> None:
+    top = tmp_path / "out"
+    (top / "results/a/b").mkdir(parents=True)
+    (top / "results/a/b/f").write_text("x")
+    (top / "results/ln").symlink_to("/etc")
+    (top / "results/dirlink").symlink_to("a")
+    os.mkfifo(top / "results/fifo")
+    (top / "_statistics").write_text("K: 1\n")
+    paths = agent.result_paths(str(top), ["results", "_statistics", "missing"])
+    assert paths == [
+        "results",
+        "results/dirlink",
+        "results/ln",
+        "results/a",
+        "results/a/b",
+        "results/a/b/f",
+        "_statistics",
+    ]
+
+
+@pytest.fixture
+def mounted_root(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """An ext4 image with a busybox root, loop-mounted (the agent's view in a VM, minus the VM)."""
+    image = tmp_path / "root.img"
+    subprocess.run(["truncate", "-s", "128M", image], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^has_journal", image], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", image, mnt], check=True)
+    try:
+        busybox_rootfs(mnt)
+        yield image, mnt
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+
+
+def stage_recipe(root: Path, tmp_path: Path, body: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "build.sh").write_text("#!/bin/sh\nset -e\n" + body)
+    (src / "build.sh").chmod(0o755)
+    variables = stage.build_variables(
+        VmOptions(vm_type="lxc"), src / "build.sh", build_id="test", guest_swap=None
+    )
+    stage.stage_build_root(root, src / "build.sh", variables)
+
+
+def run_agent(root: Path, swap: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloudbuild.guest.agent",
+            "--root-dir",
+            str(root),
+            "--swap",
+            str(swap),
+            "--container",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_agent_runs_the_recipe_and_hands_back_results_through_the_swap(
+    mounted_root: tuple[Path, Path], tmp_path: Path
+) -> None:
+    image, root = mounted_root
+    stage_recipe(
+        root,
+        tmp_path,
+        'test "$(pwd)" = /.build-srcdir\n'
+        'mkdir -p "$BUILD_RESULTS/d"\n'
+        'cp /bin/busybox "$BUILD_RESULTS/d/blob"\n'  # no /dev here: the container mode mounts nothing
+        'ln -s d/blob "$BUILD_RESULTS/link"\n'
+        "sleep 300 &\n",  # a leftover process: the agent must kill it
+    )
+    swap = tmp_path / "swap.img"
+    swap.write_bytes(b"\0" * (1 << 20))
+    proc = run_agent(root, swap)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2nd stage started" in proc.stdout and "build status 0" in proc.stdout
+    assert buildstatus.read(swap) == 0
+    blob = (root / ".build.out/results/d/blob").read_bytes()
+    assert "TIME_main_build: " in (root / ".build.out/_statistics").read_text()
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _root_of(p) == str(root)]
+    subprocess.run(["umount", root], check=True)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    extract_results(image, swap, skip=512, dest=dest)
+    assert (dest / "results/d/blob").read_bytes() == blob
+    assert os.readlink(dest / "results/link") == "d/blob"
+    assert "MAX_mb_used_memory: " in (dest / "_statistics").read_text()
+    subprocess.run(["mount", "-o", "loop", image, root], check=True)  # the fixture unmounts
+
+
+def _root_of(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:
+        return None
+
+
+def test_agent_reports_a_failed_recipe_without_a_manifest(
+    mounted_root: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, root = mounted_root
+    stage_recipe(root, tmp_path, 'echo x > "$BUILD_RESULTS/x"\nexit 3\n')
+    swap = tmp_path / "swap.img"
+    swap.write_bytes(b"\0" * 65536)
+    proc = run_agent(root, swap)
+    assert proc.returncode == 1
+    assert "exited 3" in proc.stdout
+    assert buildstatus.read(swap) == 1
+    assert swap.read_bytes()[12:] == b"\0" * (65536 - 12)
+
+
+def test_agent_without_build_data_reports_an_infrastructure_failure(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    swap = tmp_path / "swap.img"
+    swap.write_bytes(b"\0" * 4096)
+    proc = run_agent(tmp_path / "root", swap)
+    assert proc.returncode == 3
+    assert "cannot read" in proc.stdout
+    assert buildstatus.read(swap) == 3
+    assert hashlib.sha256(swap.read_bytes()[12:]).digest() == hashlib.sha256(b"\0" * (4096 - 12)).digest()
