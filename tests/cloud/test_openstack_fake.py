@@ -521,6 +521,27 @@ def test_fake_binds_loopback_and_stops_cleanly() -> None:
     assert not [t for t in threading.enumerate() if "process_request" in t.name and t.is_alive()]
 
 
+def test_observers_see_volumes_created_attached_detached_and_servers_booted(openstack_fake: FakeOpenStack,
+                                                                           openstack_conn: Conn) -> None:
+    events: list[tuple[str, ...]] = []
+    openstack_fake.on_volume_created(lambda v: events.append(("created", v.id)))
+    openstack_fake.on_attached(lambda s, v, b: events.append(("attached", s.id, v.id, b.device)))
+    openstack_fake.on_detached(lambda s, v: events.append(("detached", s.id, v.id)))
+    openstack_fake.on_booted(lambda s: events.append(("booted", s.id)))
+    worker = openstack_fake.worker_server_id
+    root = _available_volume(openstack_conn)
+    server = _booted_server(openstack_conn, root)
+    data = _available_volume(openstack_conn)
+    openstack_conn.compute.create_volume_attachment(worker, data)
+    openstack_conn.block_storage.wait_for_status(data, "in-use", **FAST)
+    openstack_conn.compute.delete_volume_attachment(worker, data)
+    openstack_conn.block_storage.wait_for_status(data, "available", **FAST)
+    assert events == [
+        ("created", root.id), ("attached", server.id, root.id, "/dev/vda"), ("booted", server.id),
+        ("created", data.id), ("attached", worker, data.id, "/dev/vdb"), ("detached", worker, data.id),
+    ]
+
+
 def test_a_crash_inside_the_fake_answers_500_and_is_kept(openstack_fake: FakeOpenStack, openstack_conn: Conn,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openstack_fake.cloud, "flavors", None)  # sabotage: iterating None raises

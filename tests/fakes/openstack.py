@@ -365,6 +365,11 @@ class Cloud:
         self.volumes: dict[str, FakeVolume] = {}
         self.project_id = uuid.uuid4().hex
         self.user_id = uuid.uuid4().hex
+        # Observers of the moments a test may want to act on (see FakeOpenStack.on_*).
+        self.on_volume_created: list[Callable[[FakeVolume], None]] = []
+        self.on_attached: list[Callable[[FakeServer, FakeVolume, Bdm], None]] = []
+        self.on_detached: list[Callable[[FakeServer, FakeVolume], None]] = []
+        self.on_booted: list[Callable[[FakeServer], None]] = []
 
     # -- lookups -------------------------------------------------------------------------------
     def server(self, server_id: str) -> FakeServer:
@@ -394,6 +399,8 @@ class Cloud:
                          availability_zone=availability_zone, metadata=metadata, description=description)
         vol.begin(lambda: vol.set_status("available"))
         self.volumes[vol.id] = vol
+        for observer in self.on_volume_created:
+            observer(vol)
         return vol
 
     def delete_volume(self, vol: FakeVolume) -> None:
@@ -409,11 +416,15 @@ class Cloud:
     def _mark_attached(self, server: FakeServer, vol: FakeVolume, bdm: Bdm) -> None:
         vol.attached_to = (server.id, bdm, _now())
         vol.set_status("in-use")
+        for observer in self.on_attached:
+            observer(server, vol, bdm)
 
     def _mark_detached(self, server: FakeServer, vol: FakeVolume) -> None:
         server.bdms = [b for b in server.bdms if b.volume_id != vol.id]
         vol.attached_to = None
         vol.set_status("available")
+        for observer in self.on_detached:
+            observer(server, vol)
 
     def attach(self, server: FakeServer, vol: FakeVolume, *, tag: str | None,
                delete_on_termination: bool) -> Bdm:
@@ -463,6 +474,8 @@ class Cloud:
     def _boot_done(self, server: FakeServer) -> None:
         server.set_state("ACTIVE", "active", None, RUNNING)
         server.launched_at = _now()
+        for observer in self.on_booted:
+            observer(server)
 
     def stop(self, server: FakeServer) -> None:
         if server.vm_state != "active" or server.task_state:
@@ -1601,6 +1614,32 @@ class FakeOpenStack:
         """The next attach of this volume goes attaching → available (Nova rolled back)."""
         with self._lock:
             self.cloud.volume(volume_id).fail_next_attach = True
+
+    # -- test hooks: observers -----------------------------------------------------------------
+    # Called with the fake's lock held, from the thread serving the request that caused the event
+    # (or the hook's caller): keep them short, hand long work (a guest "running") to a thread.
+    def on_volume_created(self, observer: Callable[[FakeVolume], None]) -> None:
+        """``observer(volume)`` after each volume is created (status still ``creating``)."""
+        self.cloud.on_volume_created.append(observer)
+
+    def on_attached(self, observer: Callable[[FakeServer, FakeVolume, Bdm], None]) -> None:
+        """``observer(server, volume, bdm)`` when a volume becomes ``in-use`` on a server (boot
+        volumes at server create, others when their attach completes); ``bdm.device`` is its node."""
+        self.cloud.on_attached.append(observer)
+
+    def on_detached(self, observer: Callable[[FakeServer, FakeVolume], None]) -> None:
+        """``observer(server, volume)`` when a volume is ``available`` again (detach done, attach
+        rolled back, or its server deleted)."""
+        self.cloud.on_detached.append(observer)
+
+    def on_booted(self, observer: Callable[[FakeServer], None]) -> None:
+        """``observer(server)`` when a server reaches ACTIVE after BUILD (not after os-start)."""
+        self.cloud.on_booted.append(observer)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Hold it to read several resources consistently while requests are being served."""
+        return self._lock
 
     def settle(self) -> None:
         """Finish every pending transition now, as if the cloud had caught up."""
