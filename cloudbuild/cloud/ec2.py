@@ -16,7 +16,6 @@ The leak sweep is `cloudbuild.cloud.common.sweep`; `Ec2GcAdapter` only lists, st
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import math
 import os
@@ -47,7 +46,14 @@ from cloudbuild.cloud.common import (
     lease_expiry,
 )
 from cloudbuild.cloud.ec2_imds import Imds, WorkerIdentity
-from cloudbuild.cloud.ec2_nvme import HostPaths, host_lock, pick_device_name, resolve_device, serial_of
+from cloudbuild.cloud.ec2_nvme import (
+    BY_ID_PREFIX,
+    HostPaths,
+    host_lock,
+    pick_device_name,
+    resolve_device,
+    serial_of,
+)
 from cloudbuild.disk.image import device_size, is_block_device
 from cloudbuild.errors import DeadlineExceeded, HostBroken, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
@@ -647,12 +653,11 @@ class ConsoleTail:
 
 
 def decode_console(output: str | None) -> bytes:
+    """The console text as bytes. botocore already base64-decoded `Output` (its after-call handler
+    `decode_console_output`, undecodable bytes replaced), so this must not decode again."""
     if not output:
         return b""
-    try:
-        return base64.b64decode(output, validate=False)
-    except (binascii.Error, ValueError):
-        return output.encode(errors="replace")
+    return output.encode("utf-8", errors="replace")
 
 
 # --- the builder's boot hook (user-data) -------------------------------------------------------
@@ -727,6 +732,7 @@ class Ec2Backend(Backend):
         self._builder_lost = False
         self._slot: BuildSlot | None = None
         self._build_lock: int | None = None
+        self.pair: VolumePair | None = None
 
     @property
     def ctx(self) -> Ec2Context:
@@ -783,10 +789,11 @@ class Ec2Backend(Backend):
             # held until cleanup(): `cloudbuild gc` on this worker sweeps a build whose process died
             self._build_lock = self.ctx.build_locks.acquire(slot.build_id)
         if o.vm_volume_root:
-            return VolumePair(
+            self.pair = VolumePair(
                 EbsVolume(self.ctx, Role.ROOT, o.disk_size, volume_id=o.vm_volume_root, owned=False),
                 EbsVolume(self.ctx, Role.SWAP, o.swap_size, volume_id=o.vm_volume_swap, owned=False),
             )
+            return self.pair
         created = [
             EbsVolume(
                 self.ctx,
@@ -797,7 +804,15 @@ class Ec2Backend(Backend):
             )
             for role, size in ((Role.ROOT, o.disk_size), (Role.SWAP, o.swap_size))
         ]
-        return VolumePair(created[0], created[1])
+        self.pair = VolumePair(created[0], created[1])
+        return self.pair
+
+    @property
+    def guest_swap_device(self) -> str | None:
+        """VM_SWAP in build.data: the swap as the builder's udev names it (by EBS volume id)."""
+        if self.pair is None or self.pair.swap is None or self.pair.swap.id.startswith("<"):
+            return None
+        return f"/dev/disk/by-id/{BY_ID_PREFIX}{serial_of(self.pair.swap.id)}"
 
     # - the builder -
 

@@ -69,9 +69,10 @@ def test_console_tail_after_a_gap_passes_the_whole_snapshot():
     assert tail.feed(b"entirely different\n") == b"entirely different\n"
 
 
-def test_decode_console_tolerates_garbage():
+def test_decode_console_does_not_decode_what_botocore_decoded():
     assert decode_console(None) == b""
-    assert decode_console("aGVsbG8=") == b"hello"
+    assert decode_console("aGVsbG8=") == b"aGVsbG8="  # botocore's handler already base64-decoded Output
+    assert decode_console("caf\ufffd\n") == "caf\ufffd\n".encode()
 
 
 # --- device names and NVMe resolution ---
