@@ -817,6 +817,8 @@ class NovaApi(_Api):
             "trusted_image_certificates": None,
             "locked_reason": None,
         }
+        if mv >= (2, 96):
+            view["pinned_availability_zone"] = None
         if s.fault is not None:
             view["fault"] = s.fault
         return view
@@ -1276,8 +1278,9 @@ class _HttpServer(ThreadingHTTPServer):
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real services behind a proxy
     server: _HttpServer
-    # Idle keep-alive connections give up after this long, so no thread outlives a test for long.
-    timeout = 10
+    # Idle keep-alive connections give up after this long. stop() closes them anyway; a short value
+    # would only make a slow test's client race the server closing its pooled connection.
+    timeout = 60
 
     def setup(self) -> None:
         super().setup()
