@@ -22,20 +22,28 @@ from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.cloud.common import Resource, build_tags, format_time, is_cloudbuild_tagged, lease_expiry
 from cloudbuild.cloud.openstack_api import Api, AttachHealth, Timeouts, connect, worker_server_id
 from cloudbuild.cloud.openstack_server import Builder, choose_flavor, user_data
 from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH, CinderVolume
+from cloudbuild.disk import buildstatus
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.volume import TAG_GC_SEEN, Role, VolumePair
+from cloudbuild.volume import TAG_GC_SEEN, TAG_OWNER, Role, Volume, VolumePair
 
 __all__ = ["CinderVolume", "OpenStackBackend", "OpenStackGc", "gc_adapter"]
 
 log = get_logger(__name__)
+
+
+KILLED_STATUS = 1
+
+
+def _server_name(slot: BuildSlot) -> str:
+    return f"cloudbuild-{slot.build_id}-{slot.slot}"
 
 
 def _volume_ref(value: str | None) -> str | None:
@@ -68,6 +76,7 @@ class OpenStackBackend(Backend):
         self.metadata_url = metadata_url
         self.builder: Builder | None = None
         self.pair: VolumePair | None = None
+        self.slot: BuildSlot | None = None
         self._flavor: str | None = None
         self._image: str | None = None
 
@@ -138,6 +147,7 @@ class OpenStackBackend(Backend):
         return choice.id
 
     def volumes(self, slot: BuildSlot) -> VolumePair:
+        self.slot = slot
         o = self.options
         expires = lease_expiry(o.build_timeout)
         root_ref = o.vm_volume_root or _volume_ref(o.vm_image)
@@ -179,7 +189,7 @@ class OpenStackBackend(Backend):
         if pair.swap is None:
             raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
         o = self.options
-        builder = self.builder = Builder(self.api, name=f"cloudbuild-{slot.build_id}-{slot.slot}")
+        builder = self.builder = Builder(self.api, name=_server_name(slot))
         tags = build_tags(
             owner=self.worker,
             build=slot.build_id,
@@ -203,14 +213,36 @@ class OpenStackBackend(Backend):
                 script=script,
             )
             with bound(server=builder.id):
-                return builder.run(timeout=timeout, console=console)
+                result = builder.run(timeout=timeout, console=console)
         finally:
             # the volumes are only free once the server is gone: delete it on every path
             builder.delete()
+        if result.reason == ExitReason.KILLED:
+            self._mark_killed(pair.swap)
+        return result
+
+    @staticmethod
+    def _mark_killed(swap: Volume) -> None:
+        """A killed build failed, whatever the guest managed to write (obs-build: BUILDSTATUS1)."""
+        device = swap.attach()
+        if device is not None:
+            buildstatus.write(device, KILLED_STATUS)
 
     def kill(self) -> None:
+        """This process' builder: delete it. Another process' (`cloudbuild kill`): mark and stop it."""
         if self.builder is not None:
             self.builder.kill()
+            return
+        if self.slot is None:
+            return
+        name = _server_name(self.slot)
+        compute = self.api.conn.compute
+        servers = self.api.call(f"find server {name}", lambda: list(compute.servers(name=f"^{name}$")))
+        for server in servers:
+            if server.name == name and (server.metadata or {}).get(TAG_OWNER) == self.worker:
+                builder = Builder(self.api, name=name)
+                builder.id = str(server.id)
+                builder.stop_killed()
 
     def cleanup(self) -> None:
         if self.builder is not None:

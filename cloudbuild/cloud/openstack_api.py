@@ -45,6 +45,9 @@ STATE_DIR_ENV = "CLOUDBUILD_STATE_DIR"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 QUOTA_STATUS = frozenset({403, 413})
 
+CONSOLE_API = Policy(deadline=30.0, initial=0.5, maximum=5.0, attempts=5)
+"""The console is fetched again at the next poll anyway: never hold up the build's status for it."""
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -127,10 +130,10 @@ class Api:
         self.policy = policy
         self.timeouts = timeouts or Timeouts()
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T], *, policy: Policy | None = None) -> T:
         """Run `fn` (one API call), retrying transient failures; raise InfraError for the rest."""
         try:
-            return call_with_retries(fn, is_transient=is_transient, what=what, policy=self.policy)
+            return call_with_retries(fn, is_transient=is_transient, what=what, policy=policy or self.policy)
         except (os_exc.SDKException, ksa_exc.ClientException) as exc:
             raise translate(exc, what) from exc
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cloudbuild.backend import BootResult, Console, ExitReason
-from cloudbuild.cloud.openstack_api import Api
+from cloudbuild.cloud.common import format_time, utcnow
+from cloudbuild.cloud.openstack_api import CONSOLE_API, Api
 from cloudbuild.cloud.openstack_console import ConsoleStream
 from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH
 from cloudbuild.errors import CloudbuildError, DeadlineExceeded, InfraError, UsageError
@@ -26,6 +27,8 @@ from cloudbuild.retry import wait_for
 
 log = get_logger(__name__)
 
+TAG_KILLED = "cloudbuild:killed"
+"""Server metadata set by `cloudbuild kill` from another process before it stops the builder."""
 UNLIMITED = 30 * 24 * 3600.0  # "no build timeout" still needs a number for the waiter
 GUEST_PYTHONPATH = "/usr/lib/cloudbuild"
 
@@ -94,6 +97,7 @@ class Builder:
         self.api = api
         self.name = name
         self.id: str | None = None
+        self.killed = False
         self.log = log.bind(server_name=name)
 
     @property
@@ -158,6 +162,7 @@ class Builder:
         reply = self.api.call(
             f"console of server {server_id}",
             lambda: self.compute.get_server_console_output(server_id, length=length),
+            policy=CONSOLE_API,
         )
         output = reply.get("output") if isinstance(reply, dict) else None
         return output if isinstance(output, str) else ""
@@ -179,6 +184,8 @@ class Builder:
         def probe() -> BootResult | None:
             server = self.api.find(f"get server {server_id}", lambda: self.compute.get_server(server_id))
             if server is None or server.status in ("DELETED", "SOFT_DELETED"):
+                if self.killed:
+                    return BootResult(ExitReason.KILLED, detail="killed")
                 return BootResult(ExitReason.CRASHED, detail=f"builder server {server_id} disappeared")
             status = str(server.status)
             if status == "ERROR":
@@ -189,6 +196,8 @@ class Builder:
                 )
             if status == "SHUTOFF":
                 poll_console(final=True)
+                if self.killed or TAG_KILLED in (server.metadata or {}):
+                    return BootResult(ExitReason.KILLED, detail="stopped by cloudbuild kill")
                 return BootResult(ExitReason.POWERED_OFF)
             if status != "BUILD":
                 poll_console(final=False)
@@ -213,8 +222,28 @@ class Builder:
         )
         return result
 
+    def stop_killed(self) -> None:
+        """`cloudbuild kill` from another process: mark the server killed and power it off.
+
+        The build's own process sees the server stop with the mark, reports the build killed
+        (failed, nothing extracted) and deletes the server as after any build.
+        """
+        if self.id is None:
+            return
+        server_id = self.id
+        self.log.info("killing builder server: marking and stopping it")
+        mark = {TAG_KILLED: format_time(utcnow())}
+        self.api.find(
+            f"mark server {server_id} killed", lambda: self.compute.set_server_metadata(server_id, **mark)
+        )
+        try:
+            self.api.find(f"stop server {server_id}", lambda: self.compute.stop_server(server_id))
+        except InfraError as exc:  # already stopping or stopped: the mark is what counts
+            self.log.info("builder server not stopped", error=str(exc))
+
     def kill(self) -> None:
         """Delete the server without waiting; idempotent."""
+        self.killed = True
         if self.id is None:
             return
         server_id = self.id

@@ -8,6 +8,7 @@ may be left in the cloud.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from cloudbuild.backend import BuildSlot
 from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.openstack import OpenStackBackend
 from cloudbuild.cloud.openstack_api import AttachHealth
+from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
+from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT
 from tests.cloud.openstack_emulation import Emulation, Sink, Steps, make_backend, scripted_guest
 from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
@@ -419,3 +422,58 @@ def test_boot_hook_mounts_the_chosen_filesystem(emu: Emulation, tmp_path: Path) 
     outcome, _ = build(emu, tmp_path, filesystem="xfs")
     assert outcome.exit_code == ExitCode.OK
     assert b"--fstype xfs --mount-options noatime" in hooks[0]
+
+
+def _build_in_background(emu: Emulation, tmp_path: Path, backend: OpenStackBackend) -> tuple[Any, Any]:
+    results: list[Any] = []
+    job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
+    thread = threading.Thread(target=lambda: results.append(run_build(job, backend, Steps(), Sink())))
+    thread.start()
+    wait_for(lambda: bool(emu.booted), what="the builder to boot", timeout=30, interval=0.02)
+    return thread, results
+
+
+def _never_finishing(release: threading.Event) -> Any:
+    def guest(server_id: str, disks: list[Path], e: Emulation) -> None:
+        e.fake.append_console(server_id, "working...\n")
+        release.wait(30)
+
+    return guest
+
+
+def test_cloudbuild_kill_from_another_process_fails_the_build(emu: Emulation, tmp_path: Path) -> None:
+    release = threading.Event()
+    emu.guest = _never_finishing(release)
+    try:
+        thread, results = _build_in_background(emu, tmp_path, backend_for(emu, tmp_path))
+        killer = backend_for(emu, tmp_path)  # what `cloudbuild kill --vm-type openstack --build-id b1` builds
+        kill_slot(killer, BuildSlot("b1", 0, tmp_path / "work"))
+        thread.join(30)
+    finally:
+        release.set()
+    (outcome,) = results
+    assert outcome.exit_code == ExitCode.BUILD_FAILED, outcome.message  # BUILDSTATUS1, nothing extracted
+    assert not (tmp_path / "out").exists()
+
+
+def test_backend_kill_in_the_building_process_fails_the_build(emu: Emulation, tmp_path: Path) -> None:
+    release = threading.Event()
+    emu.guest = _never_finishing(release)
+    backend = backend_for(emu, tmp_path)
+    try:
+        thread, results = _build_in_background(emu, tmp_path, backend)
+        backend.kill()
+        thread.join(30)
+    finally:
+        release.set()
+    (outcome,) = results
+    assert outcome.exit_code == ExitCode.BUILD_FAILED, outcome.message
+
+
+def test_console_trouble_never_fails_the_build(
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+) -> None:
+    openstack_fake.inject("POST", r"/action$", status=409, times=3)  # e.g. "instance not ready"
+    outcome, sink = build(emu, tmp_path)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert b"BUILDSTATUS written" in sink.data  # the final fetch got it all
