@@ -19,6 +19,7 @@ host folder outside the build root (the recipe cannot forge it), else 255 (-> ex
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -37,7 +38,6 @@ from local_backends.dirvolume import DirectoryVolume
 log = get_logger(__name__)
 
 NO_STATUS = 255
-KILLED_MARKER = "killed"
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
@@ -74,12 +74,13 @@ class DirectoryBackend(Backend):
     def fresh_status_dir(self) -> Path:
         folder = self.status_dir
         folder.mkdir(parents=True, exist_ok=True)
-        for name in (agentroot.STATUS_FILE, KILLED_MARKER):
-            (folder / name).unlink(missing_ok=True)
+        (folder / agentroot.STATUS_FILE).unlink(missing_ok=True)
+        assert self.workdir is not None
+        vmproc.clear_killed(self.workdir)
         return folder
 
     def result(self, exit_: vmproc.ProcessExit) -> BootResult:
-        if (self.status_dir / KILLED_MARKER).exists():
+        if vmproc.was_killed(self.workdir):
             return BootResult(ExitReason.KILLED, status=1, detail="killed (cloudbuild kill)")
         if exit_.timed_out:
             return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
@@ -90,12 +91,15 @@ class DirectoryBackend(Backend):
         return BootResult(ExitReason.EXITED, status=status)
 
     def mark_killed(self) -> None:
-        if self.workdir is not None and self.status_dir.is_dir():
-            (self.status_dir / KILLED_MARKER).write_text("1\n")
+        if self.workdir is not None:
+            vmproc.mark_killed(self.workdir)
 
     def cleanup(self) -> None:
         for proc in list(self._procs):
             terminate(proc)
+        if self.workdir is not None:
+            vmproc.clear_killed(self.workdir)
+            shutil.rmtree(self.status_dir, ignore_errors=True)
 
 
 def check_mount_target(root: Path, sub: str) -> Path:

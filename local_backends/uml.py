@@ -31,7 +31,7 @@ from cloudbuild.volume import VolumePair
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends import agentroot
 from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import fuser_kill, run_machine
+from local_backends.vmproc import clear_killed, fuser_kill, run_machine, was_killed
 
 log = get_logger(__name__)
 
@@ -99,6 +99,7 @@ class UmlBackend(Backend):
     def __init__(self, options: VmOptions):
         super().__init__(options)
         self.pair: VolumePair | None = None
+        self.workdir: Path | None = None
         self._procs: list[subprocess.Popen[bytes]] = []
         self._killed = False
         self._initrd: Path | None = None
@@ -116,6 +117,7 @@ class UmlBackend(Backend):
         self._initrd = Path(self.options.vm_initrd) if self.options.vm_initrd else agentroot.agent_initramfs()
 
     def volumes(self, slot: BuildSlot) -> VolumePair:
+        self.workdir = slot.workdir
         self.pair = local_volumes(self.options, slot.workdir)
         return self.pair
 
@@ -138,6 +140,8 @@ class UmlBackend(Backend):
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
         self.pair = pair
+        self.workdir = slot.workdir
+        clear_killed(slot.workdir)
         argv = self.argv(pair)
         watchdog = Watchdog(
             console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
@@ -151,7 +155,8 @@ class UmlBackend(Backend):
             return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
         if exit_.timed_out:
             return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
-        if self._killed:
+        if self._killed or was_killed(slot.workdir):
+            # stopped from outside: the swap's status (BUILDSTATUS1 from `cloudbuild kill`) decides
             return BootResult(ExitReason.KILLED)
         if exit_.returncode != 0 or watchdog.panicked:
             return BootResult(ExitReason.CRASHED, detail=f"uml exited {exit_.returncode}")
@@ -168,6 +173,8 @@ class UmlBackend(Backend):
     def cleanup(self) -> None:
         for proc in list(self._procs):
             terminate(proc)
+        if self.workdir is not None:
+            clear_killed(self.workdir)
 
 
 def _path(volume: object) -> Path:

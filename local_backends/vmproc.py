@@ -24,6 +24,23 @@ from cloudbuild.runner import Arg, run, spawn, terminate, which
 log = get_logger(__name__)
 
 
+KILL_MARKER = ".cloudbuild-killed"
+
+
+def mark_killed(workdir: Path) -> None:
+    """`cloudbuild kill` was here: the build process reports its machine's end as KILLED, not a crash."""
+    if workdir.is_dir():
+        (workdir / KILL_MARKER).write_text("killed\n")
+
+
+def was_killed(workdir: Path | None) -> bool:
+    return workdir is not None and (workdir / KILL_MARKER).exists()
+
+
+def clear_killed(workdir: Path) -> None:
+    (workdir / KILL_MARKER).unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class ProcessExit:
     returncode: int | None  # None: killed at the timeout

@@ -32,7 +32,7 @@ from cloudbuild.runner import CommandError, run, terminate, which
 from cloudbuild.volume import VolumePair
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import run_machine
+from local_backends.vmproc import clear_killed, run_machine, was_killed
 
 log = get_logger(__name__)
 
@@ -201,6 +201,7 @@ class XenBackend(Backend):
         self.pair = pair
         self.workdir = slot.workdir
         self.build_id = slot.build_id
+        clear_killed(slot.workdir)
         name = domain_name(slot.build_id)
         if self.exists(name):
             raise InfraError(
@@ -233,7 +234,7 @@ class XenBackend(Backend):
             return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
         if exit_.timed_out:
             return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
-        if self._killed:
+        if self._killed or was_killed(slot.workdir):
             return BootResult(ExitReason.KILLED)
         if exit_.returncode != 0:
             return BootResult(ExitReason.CRASHED, detail=f"{self.tool} create exited {exit_.returncode}")
@@ -259,6 +260,7 @@ class XenBackend(Backend):
             terminate(proc)
         if self.workdir is not None:
             (self.workdir / "xen.conf").unlink(missing_ok=True)
+            clear_killed(self.workdir)
 
 
 def _path(volume: object) -> Path:

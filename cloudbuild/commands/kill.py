@@ -9,6 +9,8 @@ The build is found the way `cloudbuild build` laid it out: its work folder is `-
    "failed" and extracts nothing (obs-build does the same);
 2. the machine is stopped by the backend's `kill()` (fuser -k for qemu/uml/emulator, lxc-stop,
    xl destroy, vmcp force, the chroot's processes, a cloud instance's termination);
+   A marker file in the work folder tells the build that the end of its machine was a kill,
+   not a crash, so it reads the swap's status (exit 1) instead of reporting exit 3.
 3. the swap is marked again once the machine is gone (a guest that finished in between may have
    written its own status; a z/VM minidisk can only be linked here now).
 
@@ -35,6 +37,7 @@ log = cblog.get_logger(__name__)
 
 USAGE = "usage: cloudbuild kill --vm-type TYPE --build-id ID [--root DIR] [the build's vm options]"
 KILLED_STATUS = 1
+KILL_MARKER = ".cloudbuild-killed"  # read by the local backends (local_backends/vmproc.py)
 
 
 def work_folders(options: cboptions.VmOptions, build_id: str) -> list[Path]:
@@ -76,6 +79,8 @@ def kill_slot(backend: Backend, slot: BuildSlot) -> None:
     pair = backend.volumes(slot)
     if pair.swap is not None:
         mark_swap(pair.swap, attach=False)
+    # tells the build process that its machine was stopped on purpose (KILLED, not a crash)
+    (slot.workdir / KILL_MARKER).write_text("killed\n")
     backend.kill()
     if pair.swap is not None:
         try:
