@@ -16,9 +16,7 @@ import os
 import stat
 import struct
 import sys
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -39,8 +37,6 @@ FIEMAP_EXTENT_UNMAPPABLE = 0x2 | 0x4 | 0x80 | 0x100 | 0x200 | 0x400
 _FIEMAP_HEAD = struct.Struct("=QQIIII")  # fm_start fm_length fm_flags fm_mapped_extents fm_extent_count fm_reserved
 _FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # fe_logical fe_physical fe_length reserved64[2] fe_flags reserved[3]
 _EXTENTS_PER_CALL = 64
-_CHUNK = 64  # names per worker task
-DEFAULT_WORKERS = 8
 
 
 class BlocklistError(Exception):
@@ -181,17 +177,35 @@ _Described = tuple[bytes, bytes, int] | _Skip | None
 
 
 class _Describer:
-    """One manifest line per name; called from worker threads (only syscalls and local state,
-    plus a per-filesystem block size cache whose races are harmless)."""
+    """One manifest line per name. Names come in find's order, so the fd of the last parent
+    directory is kept and every lookup is one component (path walks dominate the cost)."""
 
     def __init__(self, *, inline: bool, use_fibmap: bool, dir_fd: int | None) -> None:
         self.inline = inline
         self.use_fibmap = use_fibmap
         self.dir_fd = dir_fd
+        self._parent = b""
+        self._parent_fd: int | None = dir_fd
         self._bsize: dict[int, int] = {}  # st_dev -> FIGETBSZ: one ioctl per filesystem, not per file
 
-    def chunk(self, names: list[bytes]) -> list[_Described]:
-        return [self.describe(name) for name in names]
+    def close(self) -> None:
+        if self._parent_fd is not None and self._parent_fd != self.dir_fd:
+            os.close(self._parent_fd)
+        self._parent, self._parent_fd = b"", self.dir_fd
+
+    def _at(self, name: bytes) -> tuple[bytes, int | None]:
+        """(last component, fd of its directory) for name."""
+        parent, slash, base = name.rpartition(b"/")
+        if not slash:
+            if self._parent:
+                self.close()
+            return name, self.dir_fd
+        if parent != self._parent:
+            self.close()
+            # O_NOFOLLOW on the last component only: like the plain path lookup it replaces
+            self._parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dir_fd)
+            self._parent = parent
+        return base, self._parent_fd
 
     def describe(self, name: bytes) -> _Described:
         if not name:
@@ -199,22 +213,23 @@ class _Describer:
         problem = manifest.name_problem(name)
         if problem:
             raise ValueError(f"{_show(name)}: {problem}")
-        dir_fd = self.dir_fd
-        st = os.lstat(name, dir_fd=dir_fd)
+        base, at = self._at(name)
+        st = os.lstat(base, dir_fd=at)
         mtime = _mtime(st, name)
         line_mtime = mtime if self.inline else None
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(name, dir_fd=dir_fd)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            target = os.readlink(base, dir_fd=at)
             problem = manifest.symlink_problem(name, target)
             if problem:
                 return _Skip(f"{_show(name)}: bad symlink ({_show(target)}): {problem}, ignored")
             return manifest.symlink_line(name, target, mtime=line_mtime), name, mtime
-        if stat.S_ISDIR(st.st_mode):
+        if stat.S_ISDIR(mode):
             return manifest.dir_line(name, mtime=line_mtime), name, mtime
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(mode):
             return _Skip(f"{_show(name)}: unsupported file type, ignored")
         # O_NONBLOCK: had it become a fifo since the lstat, opening it must not hang
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=at)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -233,37 +248,6 @@ class _Describer:
             os.close(fd)
 
 
-def _chunks(paths: Iterable[bytes | str], size: int) -> Iterator[list[bytes]]:
-    chunk: list[bytes] = []
-    for path in paths:
-        chunk.append(os.fsencode(path))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _in_order(describer: _Describer, paths: Iterable[bytes | str], workers: int) -> Iterator[_Described]:
-    """describer over paths, in order; with workers > 1, chunks of names run in threads so that
-    the inode reads of a cold cache overlap (the syscalls release the GIL)."""
-    if workers <= 1:
-        for chunk in _chunks(paths, _CHUNK):
-            yield from describer.chunk(chunk)
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocklist")
-    try:
-        pending: deque[Future[list[_Described]]] = deque()
-        for chunk in _chunks(paths, _CHUNK):
-            pending.append(pool.submit(describer.chunk, chunk))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 def manifest_lines(
     paths: Iterable[bytes | str],
     *,
@@ -271,7 +255,6 @@ def manifest_lines(
     verbose: int = 0,
     use_fibmap: bool = False,
     dir_fd: int | None = None,
-    workers: int = DEFAULT_WORKERS,
 ) -> Iterator[tuple[bytes, bytes, int]]:
     """(line, name, mtime) for each path that goes into the manifest, in the given order.
 
@@ -281,15 +264,19 @@ def manifest_lines(
     that cannot be block-mapped raises BlocklistError.
     """
     describer = _Describer(inline=fmt == "mtime", use_fibmap=use_fibmap, dir_fd=dir_fd)
-    for result in _in_order(describer, paths, workers):
-        if result is None:
-            continue
-        if isinstance(result, _Skip):
-            _warn(result.warning)
-            continue
-        if verbose:
-            sys.stderr.write(f"{_show(result[1])}\n")
-        yield result
+    try:
+        for path in paths:
+            result = describer.describe(os.fsencode(path))
+            if result is None:
+                continue
+            if isinstance(result, _Skip):
+                _warn(result.warning)
+                continue
+            if verbose:
+                sys.stderr.write(f"{_show(result[1])}\n")
+            yield result
+    finally:
+        describer.close()
 
 
 def write_manifest(
@@ -302,7 +289,6 @@ def write_manifest(
     fmt: WriteFormat = "obs+mtimes",
     use_fibmap: bool = False,
     dir_fd: int | None = None,
-    workers: int = DEFAULT_WORKERS,
 ) -> int:
     """Write the manifest of `paths` to `out`: `padstart` newlines (room for the build status),
     the entries, the terminating empty line (then the mtime trailer for `obs+mtimes`), `padend`
@@ -317,8 +303,7 @@ def write_manifest(
     out.write(manifest.header(fmt))
     mtimes: list[tuple[bytes, int]] = []
     count = 0
-    lines = manifest_lines(paths, fmt=fmt, verbose=verbose, use_fibmap=use_fibmap, dir_fd=dir_fd, workers=workers)
-    for line, name, mtime in lines:
+    for line, name, mtime in manifest_lines(paths, fmt=fmt, verbose=verbose, use_fibmap=use_fibmap, dir_fd=dir_fd):
         out.write(line)
         mtimes.append((name, mtime))
         count += 1
@@ -361,9 +346,6 @@ def _parser() -> argparse.ArgumentParser:
         "extractbuild ignores; mtime: inline mtimes (cloudbuild extract only)",
     )
     parser.add_argument("--fibmap", action="store_true", help="use FIBMAP instead of FIEMAP")
-    parser.add_argument(
-        "--jobs", type=int, default=DEFAULT_WORKERS, metavar="N", help="threads mapping files (output order is kept)"
-    )
     parser.add_argument("files", nargs="*", metavar="FILE", help="names to list before those of --manifest")
     return parser
 
@@ -389,7 +371,6 @@ def main(argv: list[str]) -> int:
             verbose=args.verbose,
             fmt=args.format,
             use_fibmap=args.fibmap,
-            workers=args.jobs,
         )
     except (OSError, ValueError, BlocklistError) as exc:
         _warn(str(exc))

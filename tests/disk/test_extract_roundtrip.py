@@ -162,3 +162,33 @@ def test_written_through_blocklist_function_with_dir_fd(result_disk: ResultDisk,
             os.close(fd)
     assert buf.getvalue() == result_disk.manifests["mtime"]
     assert count == len(result_disk.expected)
+
+
+def test_block_device_disk_extracts_identically(result_disk: ResultDisk, dest: Path) -> None:
+    device = run(["losetup", "--find", "--show", "--read-only", result_disk.image]).stdout.decode().strip()
+    try:
+        report = extract_results(Path(device), result_disk.swaps["obs+mtimes"], skip=PAD, dest=dest)
+    finally:
+        run(["losetup", "-d", device])
+    assert snapshot(dest) == result_disk.expected
+    assert report.copied > 0
+
+
+@pytest.mark.parametrize("mode", ["copy_file_range", "sendfile", "pread"])
+def test_every_copy_method_copies_the_same_bytes(tmp_path: Path, mode: str) -> None:
+    from cloudbuild.disk.extract import _Copier
+
+    src = tmp_path / "src"
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    src.write_bytes(data)
+    copier = _Copier()
+    copier.mode = mode
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
+    try:
+        copier.copy(sfd, 1000, dfd, 7, len(data) - 1000)
+        assert copier.mode == mode
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert (tmp_path / "dst").read_bytes() == bytes(7) + data[1000:]
