@@ -1536,7 +1536,11 @@ class FakeOpenStack:
     # -- test hooks: faults --------------------------------------------------------------------
     def inject(self, method: str, path: str, *, status: int = 503, times: int = 1,
                body: Json | None = None) -> Fault:
-        """Answer the next ``times`` matching requests with ``status`` (default body: a Nova fault)."""
+        """Answer the next ``times`` matching requests with ``status`` (default body: a Nova fault).
+
+        ``method`` is an HTTP method or "*"; ``path`` is a regex searched in the URL path (no query
+        string, no trailing slash), e.g. ``r"/volume/v3/.*/volumes$"``. Faults apply before the
+        token check, so the Keystone POST can be failed too. The earliest matching fault wins."""
         with self._lock:
             f = Fault(method.upper(), re.compile(path), times, status=status, body=body)
             self.faults.append(f)
