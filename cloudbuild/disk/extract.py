@@ -340,7 +340,10 @@ def extract_stream(
     if not dest.is_dir() or dest.is_symlink():
         raise UsageError(f"destination {dest} is not a directory")
     limit = disk.size if max_size is None else max_size
-    staging = _staging_dir(dest)
+    try:
+        staging = _staging_dir(dest)
+    except OSError as exc:
+        raise InfraError(f"cannot create a staging directory for {dest}: {exc.strerror}") from None
     staging_fd = os.open(staging, _DIR_FLAGS)
     try:
         report, top, mtimes = extract_into(
@@ -489,6 +492,10 @@ def main(argv: list[str]) -> int:
         sys.stdout.flush()
         print(f"cloudbuild extract: {exc}", file=sys.stderr)
         return int(exc.exit_code)
+    except OSError as exc:  # the host's I/O (reading the disk, writing dest): retry elsewhere
+        sys.stdout.flush()
+        print(f"cloudbuild extract: {exc}", file=sys.stderr)
+        return int(InfraError.exit_code)
     return 0
 
 

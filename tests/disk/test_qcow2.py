@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import random
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloudbuild.disk.qcow2 import Qcow2Image
 from cloudbuild.errors import UntrustedData
@@ -15,6 +18,7 @@ from cloudbuild.errors import UntrustedData
 from .conftest import require_tool, run
 
 MIB = 1024 * 1024
+FUZZ_EXAMPLES = int(os.environ.get("CLOUDBUILD_FUZZ_EXAMPLES", "200"))
 
 
 def read_guest(image: Qcow2Image, offset: int, length: int) -> bytes:
@@ -135,3 +139,39 @@ def test_hostile_l1_and_l2_entries_are_refused(raw: Path, tmp_path: Path) -> Non
         image = open_image(patched(good, tmp_path / "bad.qcow2", offset, ">Q", value))
         with pytest.raises(UntrustedData, match=match):
             read_guest(image, 0, 4096)
+
+
+@pytest.fixture(scope="module")
+def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A 256 KiB disk with 512-byte clusters: header, L1 and L2 tables all in the first few KiB."""
+    work = tmp_path_factory.mktemp("qfuzz")
+    raw = work / "d.raw"
+    raw.write_bytes(random.Random(3).randbytes(256 * 1024))
+    return convert(raw, work / "d.qcow2", "-o", "compat=1.1,cluster_size=512").read_bytes()
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, 8191), st.integers(0, 255)), min_size=1, max_size=8),
+       offset=st.integers(0, 300 * 1024), length=st.integers(0, 64 * 1024))
+def test_fuzz_mutated_images_fail_cleanly_and_read_inside_the_file(
+    small_qcow2: bytes, edits: list[tuple[int, int]], offset: int, length: int
+) -> None:
+    data = bytearray(small_qcow2)
+    for position, value in edits:
+        data[position] = value
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(bytes(data))
+        f.flush()
+        fd = os.open(f.name, os.O_RDONLY)
+        try:
+            image = Qcow2Image(fd)
+            total = 0
+            for host, piece in image.map(offset, length):
+                assert piece > 0
+                assert host is None or (host >= 0 and host + piece <= len(data))
+                total += piece
+            assert total == length
+        except UntrustedData:
+            pass
+        finally:
+            os.close(fd)
