@@ -257,14 +257,17 @@ class HostEmulator:
 
     def _tick(self) -> None:
         backend = moto_backend()
+        wanted: set[Path] = set()
         for volume in list(backend.volumes.values()):
-            link = self.link(volume.id)
             attachment = volume.attachment
-            here = attachment is not None and attachment.instance.id == self.worker_id
-            if here and not link.is_symlink():
-                link.symlink_to(self.image(volume.id, volume.size))
-            elif not here and link.is_symlink():
-                link.unlink()
+            if attachment is not None and attachment.instance.id == self.worker_id:
+                link = self.link(volume.id)
+                wanted.add(link)
+                if not link.is_symlink():
+                    link.symlink_to(self.image(volume.id, volume.size))
+        for link in list(self.by_id.iterdir()):
+            if link not in wanted:  # detached, or deleted (while attached to a terminated worker)
+                link.unlink(missing_ok=True)
         for instance in list(backend.all_instances()):
             tags = backend.tags.get(instance.id, {})
             if tags.get(TAG_ROLE) != "builder":
