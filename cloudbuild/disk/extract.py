@@ -149,6 +149,17 @@ class _Tree:
         self._fds.clear()
 
 
+def _print_name(name: bytes) -> None:
+    """Names are bytes (any but NUL and '/'-rules): written raw, never through an encoder."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        sys.stdout.flush()
+        out.write(name + b"\n")
+        out.flush()
+    else:
+        print(name.decode("utf-8", "backslashreplace"))
+
+
 def _split(name: bytes) -> tuple[bytes, bytes]:
     parent, _, base = name.rpartition(b"/")
     return parent, base
@@ -199,7 +210,7 @@ def extract_into(
             if not parent:
                 top.append(entry.name)
             if verbose:
-                print(os.fsdecode(entry.name), flush=False)
+                _print_name(entry.name)
             try:
                 parent_fd = tree.fd(parent)
                 if isinstance(entry, manifest.Dir):

@@ -103,9 +103,11 @@ def test_cli_extracts_into_the_current_directory_and_reads_stdin(
             [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", str(result_disk.image), "--skip", "512", "-v"],
             stdin=swap,
             capture_output=True,
+            env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": ""},
         )
     assert proc.returncode == 0, proc.stderr
     assert b"out/big\n" in proc.stdout
+    assert b"out/high\xff\xfebytes\n" in proc.stdout  # names are printed as the bytes they are
     assert snapshot(dest) == result_disk.expected
 
 
