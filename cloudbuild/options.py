@@ -372,7 +372,8 @@ def resolve_paths(options: VmOptions, *, cwd: Path | None = None) -> VmOptions:
     """Make the local paths absolute so later phases do not depend on the working directory."""
     base = cwd or Path.cwd()
     changes: dict[str, Any] = {}
-    for name in ("rootfs", "dest", "root", "vm_kernel", "vm_initrd", "emulator_script"):
+    # not --emulator-script: obs-build resolves a relative name in the emulator folder (local_backends/emulator.py)
+    for name in ("rootfs", "dest", "root", "vm_kernel", "vm_initrd"):
         value = getattr(options, name)
         if value is not None and not Path(value).is_absolute() and options.vm_type not in ("openstack",):
             changes[name] = str(base / value)
