@@ -85,7 +85,7 @@ def play(root: Path, swap: Path | None, spec: dict[str, Any]) -> dict[str, Any]:
             blocklist.write_manifest(listed, buf, padstart=512, padend=512, dir_fd=fd)
         finally:
             os.close(fd)
-    if swap is not None and status in (0, 2):
+    if swap is not None and status in (0, 2):  # the manifest
         fd = os.open(swap, os.O_WRONLY)
         try:
             os.pwrite(fd, buf.getvalue(), 0)
@@ -93,4 +93,9 @@ def play(root: Path, swap: Path | None, spec: dict[str, Any]) -> dict[str, Any]:
             os.close(fd)
     if swap is not None:
         buildstatus.write(swap, status)
+    elif not spec.get("no_exit_file"):
+        # no swap (an emulator without one): obs-build's guest leaves its status in the root
+        with loop_mounted(root) as mnt:
+            (mnt / ".build").mkdir(exist_ok=True)
+            (mnt / ".build" / "_exitcode").write_text(f"{status}\n")
     return seen

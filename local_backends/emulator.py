@@ -1,0 +1,192 @@
+"""`--vm-type emulator`: a site-provided script runs the build machine (obs-build's `build-vm-emulator`).
+
+The protocol, as obs-build's:
+- the emulator folder is `$BUILD_DIR/emulator` (BUILD_DIR defaults to /usr/lib/build); the script
+  is `--emulator-script` (default `emulator.sh`), a relative name meaning that folder's file;
+  it runs *in* that folder as `SCRIPT ROOT_IMAGE SWAP_IMAGE` and returns when the machine is
+  done; a non-zero exit is an infrastructure failure (exit 3);
+- `verify-options.sh` in the folder, when present, is sourced (by `sh`) and decides whether the
+  emulator gives the guest a swap disk (`VM_SWAP` left set) and what the guest calls it
+  (`VM_SWAPDEV`); without it the emulator has no swap (`VM_SWAP=`);
+- with a swap, the results come back through the swap channel like every VM's;
+- without one, the guest leaves its status in /.build/_exitcode and its results in /.build.out of
+  the root image. obs-build then loop-mounts the image ("not safe against attacks"); we never let
+  the host kernel mount it: `e2manifest` reads the ext2/3/4 image in userspace with debugfs and
+  writes status and manifest onto a host-only swap image, and the ordinary extraction copies the
+  results out of the raw image. So an emulator without swap needs --vm-disk-filesystem ext2/3/4.
+- kill: every process holding the root image (`fuser -k -TERM`).
+
+The guest side is the emulator's: its kernel must start a 2nd stage (obs-build's or our agent)
+that follows the contract of `cloudbuild/buildroot/stage.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import ClassVar
+
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.disk import buildstatus
+from cloudbuild.errors import HostBroken, InfraError, UsageError
+from cloudbuild.log import get_logger
+from cloudbuild.options import VmOptions
+from cloudbuild.runner import CommandError, run, terminate, which
+from cloudbuild.volume import Role, VolumePair
+from local_backends import e2manifest
+from local_backends.localvolume import LocalVolume, local_volumes
+from local_backends.vmproc import clear_killed, fuser_kill, run_machine, was_killed
+
+log = get_logger(__name__)
+
+DEFAULT_SCRIPT = "emulator.sh"
+DEFAULT_SWAPDEV = "/dev/vdb"
+HOST_SWAP_MIB = 64  # the host-only swap that carries status + manifest read from the image
+MANIFEST_PAD = 512
+E2_FILESYSTEMS = ("ext2", "ext3", "ext4")
+
+
+def emulator_dir() -> Path:
+    return Path(os.environ.get("BUILD_DIR", "/usr/lib/build")) / "emulator"
+
+
+def script_path(options: VmOptions) -> Path:
+    """obs-build: no script -> ./emulator.sh; a relative name -> ./NAME, both in the emulator folder."""
+    name = options.emulator_script or DEFAULT_SCRIPT
+    return Path(name) if name.startswith("/") else emulator_dir() / name
+
+
+def swap_offer(folder: Path) -> str | None:
+    """The guest's swap device when `verify-options.sh` keeps VM_SWAP, None when there is no swap."""
+    hook = folder / "verify-options.sh"
+    if not hook.is_file():
+        return None  # obs-build: VM_SWAP=
+    env = {**os.environ, "VM_SWAP": "swap", "VM_SWAPDEV": DEFAULT_SWAPDEV}
+    try:
+        proc = run(
+            ["sh", "-c", '. ./verify-options.sh >&2; printf "%s\\n%s\\n" "$VM_SWAP" "$VM_SWAPDEV"'],
+            cwd=folder,
+            env=env,
+            timeout=60,
+        )
+    except CommandError as exc:
+        raise HostBroken(f"{hook} failed: {exc}") from exc
+    lines = [*proc.stdout.splitlines(), "", ""][:2]
+    return (lines[1] or DEFAULT_SWAPDEV) if lines[0] else None
+
+
+@register
+class EmulatorBackend(Backend):
+    name: ClassVar[str] = "emulator"
+
+    def __init__(self, options: VmOptions):
+        super().__init__(options)
+        self.pair: VolumePair | None = None
+        self.workdir: Path | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._killed = False
+        self._guest_swap: str | None = None
+        self._checked = False
+
+    @property
+    def guest_swap_device(self) -> str | None:
+        return self._guest_swap
+
+    @property
+    def emulator_has_swap(self) -> bool:
+        return self._guest_swap is not None
+
+    def verify(self) -> None:
+        script = script_path(self.options)
+        if not script.is_file() or not os.access(script, os.X_OK):
+            raise UsageError(
+                f"--emulator-script {script}: no such executable (relative names are in {emulator_dir()})"
+            )
+        self._guest_swap = swap_offer(emulator_dir())
+        self._checked = True
+        if self._guest_swap is None:
+            if self.options.filesystem not in E2_FILESYSTEMS:
+                raise UsageError(
+                    "--vm-type emulator without swap: the results are read with debugfs, use "
+                    f"--vm-disk-filesystem {'/'.join(E2_FILESYSTEMS)} (not {self.options.filesystem})"
+                )
+            if which("debugfs") is None:
+                raise HostBroken("debugfs not found: install e2fsprogs")
+
+    def volumes(self, slot: BuildSlot) -> VolumePair:
+        self.workdir = slot.workdir
+        if not self._checked:
+            self._guest_swap = swap_offer(emulator_dir())
+        if self.emulator_has_swap:
+            self.pair = local_volumes(self.options, slot.workdir)
+        else:
+            root = local_volumes(self.options, slot.workdir, swap=False).root
+            host_swap = LocalVolume(Role.SWAP, slot.workdir / "emulator-results.swap", HOST_SWAP_MIB)
+            self.pair = VolumePair(root, host_swap)
+        return self.pair
+
+    def boot_and_wait(
+        self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
+    ) -> BootResult:
+        self.pair = pair
+        self.workdir = slot.workdir
+        clear_killed(slot.workdir)
+        root = _path(pair.root)
+        swap = _path(pair.swap) if pair.swap is not None and self.emulator_has_swap else None
+        folder = emulator_dir()
+        argv = [str(script_path(self.options)), str(root), str(swap) if swap else ""]
+        self._killed = False
+        console.write(f"booting emulator {argv[0]}...\n".encode())
+        exit_ = run_machine(
+            argv, console, timeout=timeout, cwd=folder if folder.is_dir() else None, started=self._procs
+        )
+        if exit_.timed_out:
+            self.kill()
+            return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
+        if self._killed or was_killed(slot.workdir):
+            return BootResult(ExitReason.KILLED)
+        if exit_.returncode != 0:
+            return BootResult(
+                ExitReason.CRASHED, detail=f"the emulator returned with a failure ({exit_.returncode})"
+            )
+        if not self.emulator_has_swap and pair.swap is not None:
+            self.results_from_image(root, _path(pair.swap))
+        return BootResult(ExitReason.POWERED_OFF)
+
+    def results_from_image(self, root: Path, host_swap: Path) -> None:
+        """Status and manifest of a swap-less guest, read from its image in userspace onto our swap."""
+        status = e2manifest.read_exit_file(root)
+        if status is None:
+            log.warning("the emulator's guest left no /.build/_exitcode")
+            return  # no status on the swap: the orchestrator reports exit 3
+        if status in (0, 2):
+            text = e2manifest.image_manifest(root)
+            if MANIFEST_PAD + len(text) > HOST_SWAP_MIB * 1024 * 1024:
+                raise InfraError("the result manifest does not fit on the host-side swap")
+            fd = os.open(host_swap, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\n" * MANIFEST_PAD + text + b"\n" * MANIFEST_PAD, 0)
+            finally:
+                os.close(fd)
+        buildstatus.write(host_swap, status)
+
+    def kill(self) -> None:
+        self._killed = True
+        for proc in list(self._procs):
+            terminate(proc)
+        root = self.pair.root if self.pair is not None else None
+        if isinstance(root, LocalVolume) and fuser_kill(root.path):
+            log.warning("killed the processes holding the root image", image=str(root.path))
+
+    def cleanup(self) -> None:
+        for proc in list(self._procs):
+            terminate(proc)
+        if self.workdir is not None:
+            clear_killed(self.workdir)
+
+
+def _path(volume: object) -> Path:
+    if not isinstance(volume, LocalVolume):
+        raise InfraError(f"{volume!r}: the emulator runs on local image files or block devices only")
+    return volume.path
