@@ -23,7 +23,7 @@ from cloudbuild.cloud.openstack_console import ConsoleStream
 from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH
 from cloudbuild.errors import CloudbuildError, DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
-from cloudbuild.retry import wait_for
+from cloudbuild.retry import call_with_retries, wait_for
 
 log = get_logger(__name__)
 
@@ -177,7 +177,15 @@ class Builder:
 
         def poll_console(final: bool) -> None:
             try:
-                stream.flush() if final else stream.poll()
+                if final:  # the last chance to read it: the server is deleted next
+                    call_with_retries(
+                        stream.flush,
+                        is_transient=lambda exc: isinstance(exc, CloudbuildError),
+                        what="final console output",
+                        policy=CONSOLE_API,
+                    )
+                else:
+                    stream.poll()
             except CloudbuildError as exc:  # the log is precious but never worth failing the build
                 self.log.warning("console output unavailable", error=str(exc))
 

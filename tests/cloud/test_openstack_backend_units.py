@@ -3,6 +3,7 @@ transient-error predicate, attach health, flavor choice and the boot hook."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import keystoneauth1.exceptions as ksa_exc
@@ -134,6 +135,37 @@ def test_output_lost_between_polls_is_marked_not_hidden() -> None:
     assert GAP_MARKER in sink.data
     assert sink.data.endswith(b"late 99\n")
     assert sink.data.count(b"early 0\n") == 1
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_bursts_are_streamed_exactly_once(seed: int) -> None:
+    """Bursts smaller and larger than every window, repeated and unique lines, polls in between."""
+    rnd = random.Random(seed)
+    log = Log()
+    s, sink = stream(log)
+    number = 0
+    for _ in range(rnd.randint(1, 25)):
+        for _ in range(rnd.choice([0, 1, 7, 50, 199, 200, 201, 799, 800, 3000])):
+            log.add("same\n" if rnd.random() < 0.5 else f"line {number}\n")
+            number += 1
+        s.poll()
+    s.flush()
+    assert sink.data == log.text.encode()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_cut_log_never_repeats_a_line(seed: int) -> None:
+    rnd = random.Random(seed)
+    log = Log(keep_bytes=6000)
+    s, sink = stream(log)
+    for number in range(3000):
+        log.add(f"line {number} " + "x" * rnd.randint(0, 60) + "\n")
+        if rnd.random() < 0.05:
+            s.poll()
+    s.flush()
+    numbers = [int(line.split()[1]) for line in sink.data.splitlines() if line.startswith(b"line ")]
+    assert numbers == sorted(set(numbers))
+    assert numbers[-1] == 2999
 
 
 # -- devices ---------------------------------------------------------------------------------------
