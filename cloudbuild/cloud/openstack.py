@@ -27,6 +27,7 @@ from cloudbuild.cloud.common import Resource, build_tags, format_time, is_cloudb
 from cloudbuild.cloud.openstack_api import Api, AttachHealth, Timeouts, connect, worker_server_id
 from cloudbuild.cloud.openstack_server import Builder, choose_flavor, user_data
 from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH, CinderVolume
+from cloudbuild.commands.kill import KILL_MARKER
 from cloudbuild.disk import buildstatus
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import InfraError, UsageError
@@ -213,7 +214,7 @@ class OpenStackBackend(Backend):
                 script=script,
             )
             with bound(server=builder.id):
-                result = builder.run(timeout=timeout, console=console)
+                result = builder.run(timeout=timeout, console=console, kill_marker=slot.workdir / KILL_MARKER)
         finally:
             # the volumes are only free once the server is gone: delete it on every path
             builder.delete()

@@ -14,6 +14,7 @@ import base64
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cloudbuild.backend import BootResult, Console, ExitReason
@@ -167,8 +168,16 @@ class Builder:
         output = reply.get("output") if isinstance(reply, dict) else None
         return output if isinstance(output, str) else ""
 
-    def run(self, *, timeout: float | None, console: Console) -> BootResult:
-        """Stream the console until the server powers off, fails, vanishes or the deadline passes."""
+    def run(self, *, timeout: float | None, console: Console, kill_marker: Path | None = None) -> BootResult:
+        """Stream the console until the server powers off, fails, vanishes or the deadline passes.
+
+        `kill_marker`: the file `cloudbuild kill` leaves in the build's work folder; a server that
+        ends while it exists was killed, not lost.
+        """
+
+        def killed() -> bool:
+            return self.killed or (kill_marker is not None and kill_marker.exists())
+
         if self.id is None:
             raise InfraError("builder server not created")
         server_id = self.id
@@ -192,7 +201,7 @@ class Builder:
         def probe() -> BootResult | None:
             server = self.api.find(f"get server {server_id}", lambda: self.compute.get_server(server_id))
             if server is None or server.status in ("DELETED", "SOFT_DELETED"):
-                if self.killed:
+                if killed():
                     return BootResult(ExitReason.KILLED, detail="killed")
                 return BootResult(ExitReason.CRASHED, detail=f"builder server {server_id} disappeared")
             status = str(server.status)
@@ -204,7 +213,7 @@ class Builder:
                 )
             if status == "SHUTOFF":
                 poll_console(final=True)
-                if self.killed or TAG_KILLED in (server.metadata or {}):
+                if killed() or TAG_KILLED in (server.metadata or {}):
                     return BootResult(ExitReason.KILLED, detail="stopped by cloudbuild kill")
                 return BootResult(ExitReason.POWERED_OFF)
             if status != "BUILD":

@@ -21,7 +21,7 @@ from cloudbuild.backend import BuildSlot
 from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.openstack import OpenStackBackend
 from cloudbuild.cloud.openstack_api import AttachHealth
-from cloudbuild.commands.kill import kill_slot
+from cloudbuild.commands.kill import KILL_MARKER, kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT
@@ -427,6 +427,7 @@ def test_boot_hook_mounts_the_chosen_filesystem(emu: Emulation, tmp_path: Path) 
 def _build_in_background(emu: Emulation, tmp_path: Path, backend: OpenStackBackend) -> tuple[Any, Any]:
     results: list[Any] = []
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
+    job.workdir.mkdir(exist_ok=True)
     thread = threading.Thread(target=lambda: results.append(run_build(job, backend, Steps(), Sink())))
     thread.start()
     wait_for(lambda: bool(emu.booted), what="the builder to boot", timeout=30, interval=0.02)
@@ -477,3 +478,17 @@ def test_console_trouble_never_fails_the_build(
     outcome, sink = build(emu, tmp_path)
     assert outcome.exit_code == ExitCode.OK, outcome.message
     assert b"BUILDSTATUS written" in sink.data  # the final fetch got it all
+
+
+def test_builder_gone_after_a_kill_marker_is_a_kill_not_a_crash(emu: Emulation, tmp_path: Path) -> None:
+    release = threading.Event()
+    emu.guest = _never_finishing(release)
+    try:
+        thread, results = _build_in_background(emu, tmp_path, backend_for(emu, tmp_path))
+        (tmp_path / "work" / KILL_MARKER).write_text("killed\n")
+        emu.fake.vanish_server(emu.booted[0])  # e.g. deleted by an operator's `openstack server delete`
+        thread.join(30)
+    finally:
+        release.set()
+    (outcome,) = results
+    assert outcome.exit_code == ExitCode.BUILD_FAILED, outcome.message
