@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from cloudbuild import __version__
@@ -59,4 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         print(f"cloudbuild {command}: interrupted", file=sys.stderr)
+        return int(ExitCode.INFRA)
+    except Exception as exc:  # a bug in cloudbuild is an infrastructure problem, never "build failed"
+        traceback.print_exc()
+        print(f"cloudbuild {command}: internal error: {exc!r}", file=sys.stderr)
         return int(ExitCode.INFRA)

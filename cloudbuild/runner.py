@@ -73,26 +73,35 @@ def run(
         input = input.encode()
     out = stdout if stdout is not None else (subprocess.PIPE if capture else None)
     try:
-        proc = subprocess.run(
+        # its own session, so a timeout kills the whole process tree, not only the direct child
+        proc = subprocess.Popen(
             args,
-            input=input,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.PIPE if capture else None,
-            timeout=timeout,
             text=text,
             env=dict(env) if env is not None else None,
             cwd=cwd,
-            check=False,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        raise CommandError(args, None, stderr, timed_out=True) from exc
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: command not found") from exc
-    if check and proc.returncode != 0:
-        err = proc.stderr if isinstance(proc.stderr, str) else (proc.stderr or b"").decode(errors="replace")
-        raise CommandError(args, proc.returncode, err[-STDERR_TAIL:])
-    return proc
+    try:
+        stdout_data, stderr_data = proc.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        terminate(proc, grace=2.0)
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise CommandError(args, None, stderr, timed_out=True) from exc
+    except BaseException:
+        terminate(proc, grace=2.0)  # interrupted: leave no orphan behind
+        raise
+    done: subprocess.CompletedProcess[Any] = subprocess.CompletedProcess(
+        args, proc.returncode, stdout_data, stderr_data
+    )
+    if check and done.returncode != 0:
+        err = stderr_data if isinstance(stderr_data, str) else (stderr_data or b"").decode(errors="replace")
+        raise CommandError(args, done.returncode, err[-STDERR_TAIL:])
+    return done
 
 
 def which(name: str, *, extra_dirs: Sequence[str] = ("/usr/sbin", "/sbin")) -> Path | None:
