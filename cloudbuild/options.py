@@ -22,6 +22,7 @@ from cloudbuild.errors import UsageError
 
 VM_TYPES = ("kvm", "qemu", "xen", "uml", "lxc", "zvm", "emulator", "ec2", "openstack")
 NO_VM = "none"
+CLOUD_VM_TYPES = ("ec2", "openstack")
 FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs", "reiserfs")
 DEFAULT_MOUNT_OPTIONS = "__default"
 LOG_FORMATS = ("auto", "console", "json")
@@ -373,8 +374,12 @@ def resolve_paths(options: VmOptions, *, cwd: Path | None = None) -> VmOptions:
     base = cwd or Path.cwd()
     changes: dict[str, Any] = {}
     # not --emulator-script: obs-build resolves a relative name in the emulator folder (local_backends/emulator.py)
-    for name in ("rootfs", "dest", "root", "vm_kernel", "vm_initrd"):
+    names = ["rootfs", "dest", "root", "rpmlist", "hugetlbfs"]
+    if options.vm_type not in CLOUD_VM_TYPES:
+        # on a cloud these name a volume or an image, not a local file
+        names += ["vm_image", "vm_swap", "vm_kernel", "vm_initrd"]
+    for name in names:
         value = getattr(options, name)
-        if value is not None and not Path(value).is_absolute() and options.vm_type not in ("openstack",):
+        if value is not None and not Path(value).is_absolute():
             changes[name] = str(base / value)
     return options.replace(**changes)

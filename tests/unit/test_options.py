@@ -426,3 +426,34 @@ def test_docs_options_md_names_every_spelling() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "options.md").read_text()
     missing = [n for n, _ in ALL_SPELLINGS if f"`--{n}`" not in doc and f"`-{n}`" not in doc]
     assert missing == []
+
+
+def test_resolve_paths_makes_local_disks_absolute_but_leaves_cloud_volume_ids(tmp_path: Path) -> None:
+    local = options.resolve_paths(
+        options.parse(
+            [
+                "--vm-type",
+                "qemu",
+                "--vm-disk",
+                "root.img",
+                "--vm-swap",
+                "s.img",
+                "--rpmlist",
+                "list",
+                "--dest",
+                "out",
+            ]
+        ),
+        cwd=tmp_path,
+    )
+    assert (local.vm_image, local.vm_swap, local.rpmlist, local.dest) == (
+        str(tmp_path / "root.img"),
+        str(tmp_path / "s.img"),
+        str(tmp_path / "list"),
+        str(tmp_path / "out"),
+    )
+    cloud = options.resolve_paths(
+        options.parse(["--vm-type", "ec2", "--vm-disk", "vol-123", "--dest", "out"]), cwd=tmp_path
+    )
+    assert cloud.vm_image == "vol-123"
+    assert cloud.dest == str(tmp_path / "out")
