@@ -17,12 +17,17 @@ from pathlib import Path
 
 import pytest
 
+import cloudbuild.backend as backend_registry
 import cloudbuild.retry
+from cloudbuild import cli
+from cloudbuild import log as cblog
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps
+from cloudbuild.cloud.openstack import OpenStackBackend
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
-from tests.cloud.openstack_emulation import Emulation, Sink, make_backend, qemu_guest
+from cloudbuild.options import VmOptions
+from tests.cloud.openstack_emulation import FAST, Emulation, Sink, make_backend, qemu_guest
 from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
 from tests.fakes.openstack import FakeOpenStack
 
@@ -85,3 +90,53 @@ def test_a_real_build_on_an_emulated_openstack_builder(emu: Emulation, tmp_path:
     assert (dest / "sub" / "numbers").read_text() == "".join(f"{i}\n" for i in range(1, 2001))
     assert "recipe done" in log  # the builder's console reached the build log
     assert emu.booted and len(emu.booted) == 1
+
+
+def test_cloudbuild_build_command_line_on_openstack(
+    emu: Emulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cloudbuild build --vm-type openstack ...` as a farm runs it: options, OS_CLOUD, metadata service."""
+    rootfs = tmp_path / "rootfs"
+    busybox_rootfs(rootfs)
+    recipe = tmp_path / "src" / "build.sh"
+    recipe.parent.mkdir()
+    recipe.write_text(RECIPE)
+    recipe.chmod(0o755)
+    monkeypatch.setenv("CLOUDBUILD_OPENSTACK_METADATA_URL", emu.fake.metadata_url)
+    monkeypatch.setenv("CLOUDBUILD_STATE_DIR", str(tmp_path / "state"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+    class HereOpenStack(OpenStackBackend):
+        """The production backend with this test's /dev (where the emulated udev links volumes)."""
+
+        def __init__(self, options: VmOptions):
+            super().__init__(options, timeouts=FAST, dev_root=emu.dev_root)
+
+    monkeypatch.setitem(backend_registry._REGISTRY, "openstack", HereOpenStack)
+    monkeypatch.setattr(cblog, "configure", lambda *args, **kwargs: None)  # keep pytest's capture
+    dest = tmp_path / "out"
+    argv = [
+        "build",
+        "--vm-type",
+        "openstack",
+        "--vm-kernel",
+        "cirros",
+        "--rootfs",
+        str(rootfs),
+        "--dest",
+        str(dest),
+        "--vm-disk-size",
+        "1024",
+        "--vm-swap-size",
+        "1024",
+        "--jobs",
+        "2",
+        "--build-timeout",
+        "900",
+        str(recipe),
+    ]
+    assert cli.main(argv) == 0, (tmp_path / "out.log").read_text(errors="replace")[-3000:]
+    assert (dest / "hello.txt").read_text() == "hello from the openstack builder\n"
+    log = (tmp_path / "out.log").read_text(errors="replace")
+    assert "building on" in log and "with 2 job(s)" in log
