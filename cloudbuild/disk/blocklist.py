@@ -358,7 +358,11 @@ def main(argv: list[str]) -> int:
     names: list[Iterable[bytes | str]] = [[os.fsencode(f) for f in args.files]]
     stream: BinaryIO | None = None
     if args.manifest:
-        stream = sys.stdin.buffer if args.manifest == "-" else open(args.manifest, "rb")  # noqa: SIM115
+        try:
+            stream = sys.stdin.buffer if args.manifest == "-" else open(args.manifest, "rb")  # noqa: SIM115
+        except OSError as exc:
+            _warn(f"--manifest: {exc}")
+            return 1
         names.append(_read_names(stream, b"\0" if args.null else b"\n"))
     # the whole manifest is built before anything is written: a failure writes nothing
     buf = io.BytesIO()

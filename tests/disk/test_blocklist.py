@@ -115,3 +115,31 @@ def test_fiemap_of_a_sparse_file_on_the_host_filesystem(tmp_path: Path) -> None:
 @pytest.mark.parametrize("nr", [blocklist.FIBMAP, blocklist.FIGETBSZ, blocklist.FS_IOC_FIEMAP])
 def test_alternate_ioctl_numbers_differ(nr: int) -> None:
     assert blocklist._alt_ioctl(nr) != nr
+
+
+def test_fibmap_is_the_fallback_when_fiemap_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(os.urandom(50_000))
+        f.seek(200_000)
+        f.write(b"end")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, bsize = os.fstat(fd).st_size, blocklist.block_size(fd)
+        expected = blocklist.fibmap_extents(fd, size, bsize)
+
+        def broken(*_: object) -> list[bytes]:
+            raise OSError(95, "Operation not supported")
+
+        monkeypatch.setattr(blocklist, "fiemap_extents", broken)
+        assert blocklist.file_extents(fd, size, bsize) == expected
+    finally:
+        os.close(fd)
+    assert expected[1].startswith(b"0")  # the hole between the two writes is a 0-run
+
+
+def test_missing_name_list_file_is_a_clean_error(tmp_path: Path) -> None:
+    proc = blocklist_cli(["--manifest", "nonexistent"], tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(b"blocklist: --manifest:")
+    assert proc.stdout == b""
