@@ -8,7 +8,6 @@ extraction copies the results.
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,18 +122,16 @@ def test_without_swap_the_image_is_read_in_userspace(
     script = recipe(emu.tmp / "src", "true\n")
     options = emu.options(rootfs, "--emulator-script", "emulator.sh")
     mounts: list[list[str]] = []
-    real_run = subprocess.run
+    from cloudbuild.disk import mount as disk_mount
+
+    real_run = disk_mount.run
 
     def watch(argv: Any, *args: Any, **kwargs: Any) -> Any:
-        if (
-            isinstance(argv, list)
-            and argv[:1] == ["mount"]
-            and threading.current_thread().name == "MainThread"
-        ):
-            mounts.append(list(map(str, argv)))
+        if argv[:1] == ["mount"]:
+            mounts.append([str(a) for a in argv])
         return real_run(argv, *args, **kwargs)
 
-    monkeypatch.setattr(subprocess, "run", watch)
+    monkeypatch.setattr(disk_mount, "run", watch)
     outcome, _ = flow(create_backend(options), options, emu.tmp, script)
     monkeypatch.undo()
     assert outcome.exit_code == ExitCode.OK, outcome.message

@@ -123,9 +123,21 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def loop_devices_on(folder: Path) -> list[str]:
+def _loops(folder: Path) -> list[str]:
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if str(folder) in line]
+
+
+def loop_devices_on(folder: Path, *, settle: float = 5.0) -> list[str]:
+    """Loop devices still backed by files in `folder`, after giving autoclear (asynchronous) time."""
+    from cloudbuild.errors import DeadlineExceeded
+    from cloudbuild.retry import wait_for
+
+    try:
+        wait_for(lambda: not _loops(folder), what="loop devices to clear", timeout=settle, interval=0.05)
+    except DeadlineExceeded:
+        return _loops(folder)
+    return []
 
 
 class ListConsole:
