@@ -52,6 +52,8 @@ def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache:
         "echo -n generated > $BUILD_RESULTS/RPMS/gen.txt\n"
         "ln -s noarch/input.bin $BUILD_RESULTS/RPMS/latest\n"
         "test -e /proc/self/status && test -c /dev/null && test -d /dev/pts\n"
+        # the build must not reach the host's magic sysrq key ('h' only prints help, should it work)
+        "if echo h > /proc/sysrq-trigger 2>/dev/null; then echo sysrq writable; exit 9; fi\n"
         "echo built in $(pwd)\n",
     )
     proc = cli_build(tmp_path, cache, VM, rootfs, script)
