@@ -8,6 +8,7 @@ may be left in the cloud.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -45,8 +46,14 @@ def emu(
     yield emulation
     emulation.join()
     assert not emulation.errors, emulation.errors
-    assert emulation.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
-    assert emulation.attached_here() == [], "volumes left attached to the worker"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(emu: Emulation) -> Iterator[None]:
+    """After every test: no cloudbuild-tagged server or volume in the cloud, nothing attached here."""
+    yield
+    assert emu.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
+    assert emu.attached_here() == [], "volumes left attached to the worker"
 
 
 def backend_for(emu: Emulation, tmp_path: Path, **options: Any) -> OpenStackBackend:
@@ -147,6 +154,29 @@ def test_worker_id_comes_from_vm_server_without_the_metadata_service(emu: Emulat
     )
     assert backend.worker == emu.fake.worker_server_id
     assert not emu.fake.calls_matching("GET", "meta_data")
+
+
+def test_connection_from_os_variables_without_clouds_yaml(
+    emu: Emulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("OS_CLOUD", "OS_CLIENT_CONFIG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "no-such-clouds.yaml"))
+    for name, value in emu.fake.os_environ().items():
+        monkeypatch.setenv(name, value)
+    outcome, _ = build(emu, tmp_path)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+
+
+def test_missing_credentials_are_exit_3_with_the_fix(
+    emu: Emulation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in [v for v in os.environ if v.startswith("OS_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(tmp_path / "no-such-clouds.yaml"))
+    outcome, _ = build(emu, tmp_path)
+    assert outcome.exit_code == ExitCode.INFRA
+    assert "OS_CLOUD" in outcome.message
 
 
 def test_worker_id_comes_from_the_metadata_service(emu: Emulation, tmp_path: Path) -> None:

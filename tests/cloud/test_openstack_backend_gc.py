@@ -49,7 +49,13 @@ def emu(
     emulation = Emulation(openstack_fake, tmp_path / "host")
     yield emulation
     emulation.join(timeout=10)
-    assert emulation.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(emu: Emulation) -> Iterator[None]:
+    """After every test: no cloudbuild-tagged server or volume left in the cloud."""
+    yield
+    assert emu.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
 
 
 @pytest.fixture
