@@ -34,8 +34,12 @@ FIEMAP_EXTENT_UNWRITTEN = 0x800
 # UNKNOWN | DELALLOC | DATA_ENCRYPTED | NOT_ALIGNED | DATA_INLINE | DATA_TAIL: no disk address to read
 FIEMAP_EXTENT_UNMAPPABLE = 0x2 | 0x4 | 0x80 | 0x100 | 0x200 | 0x400
 
-_FIEMAP_HEAD = struct.Struct("=QQIIII")  # fm_start fm_length fm_flags fm_mapped_extents fm_extent_count fm_reserved
-_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # fe_logical fe_physical fe_length reserved64[2] fe_flags reserved[3]
+_FIEMAP_HEAD = struct.Struct(
+    "=QQIIII"
+)  # fm_start fm_length fm_flags fm_mapped_extents fm_extent_count fm_reserved
+_FIEMAP_EXTENT = struct.Struct(
+    "=QQQQQIIII"
+)  # fe_logical fe_physical fe_length reserved64[2] fe_flags reserved[3]
 _EXTENTS_PER_CALL = 64
 
 
@@ -303,7 +307,9 @@ def write_manifest(
     out.write(manifest.header(fmt))
     mtimes: list[tuple[bytes, int]] = []
     count = 0
-    for line, name, mtime in manifest_lines(paths, fmt=fmt, verbose=verbose, use_fibmap=use_fibmap, dir_fd=dir_fd):
+    for line, name, mtime in manifest_lines(
+        paths, fmt=fmt, verbose=verbose, use_fibmap=use_fibmap, dir_fd=dir_fd
+    ):
         out.write(line)
         mtimes.append((name, mtime))
         count += 1

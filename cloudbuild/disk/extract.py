@@ -365,7 +365,9 @@ def _staging_dir(dest: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=".cloudbuild-extract-", dir=dest))
 
 
-def _move_into_place(staging_fd: int, dest_fd: int, dest: Path, top: list[bytes], mtimes: dict[bytes, int]) -> None:
+def _move_into_place(
+    staging_fd: int, dest_fd: int, dest: Path, top: list[bytes], mtimes: dict[bytes, int]
+) -> None:
     for name in top:
         try:
             os.lstat(name, dir_fd=dest_fd)
@@ -495,14 +497,25 @@ def _parser() -> argparse.ArgumentParser:
         prog="cloudbuild extract",
         description="Copy result files out of a raw/qcow2 disk by a blocklist manifest (obs-build's extractbuild).",
     )
-    parser.add_argument("--disk", required=True, type=Path, metavar="IMAGE", help="root disk: image or block device")
-    parser.add_argument("--input", type=Path, metavar="FILE", help="manifest source (swap disk); default stdin")
-    parser.add_argument("--skip", type=int, default=0, metavar="N", help="bytes of build status before the manifest")
+    parser.add_argument(
+        "--disk", required=True, type=Path, metavar="IMAGE", help="root disk: image or block device"
+    )
+    parser.add_argument(
+        "--input", type=Path, metavar="FILE", help="manifest source (swap disk); default stdin"
+    )
+    parser.add_argument(
+        "--skip", type=int, default=0, metavar="N", help="bytes of build status before the manifest"
+    )
     parser.add_argument("--qcow2", "--qcow", action="store_true", help="the disk is a qcow2 image")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="print each name")
-    parser.add_argument("--dest", type=Path, default=Path("."), metavar="DIR", help="where to extract (default: .)")
     parser.add_argument(
-        "--max-size", type=int, metavar="BYTES", help="limit on the bytes of all files (default: the disk's size)"
+        "--dest", type=Path, default=Path("."), metavar="DIR", help="where to extract (default: .)"
+    )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        metavar="BYTES",
+        help="limit on the bytes of all files (default: the disk's size)",
     )
     parser.add_argument(
         "--manifest-format",

@@ -276,7 +276,9 @@ def mtime_trailer(mtimes: Iterable[tuple[bytes, int]]) -> bytes:
 # the parser (host side)
 
 _NUMBER = re.compile(rb"0|[1-9][0-9]{0,18}")
-_EXTENT = re.compile(rb"(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?(?:-(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?)?")
+_EXTENT = re.compile(
+    rb"(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?(?:-(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?)?"
+)
 _RAW_CONTROL = re.compile(rb"[\x00-\x1f]")
 
 
@@ -327,9 +329,7 @@ class _Reader:
         return raw[:-1]
 
 
-def parse(
-    stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAULT_LIMITS
-) -> Iterator[Entry]:
+def parse(stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAULT_LIMITS) -> Iterator[Entry]:
     """Entries of the manifest read from `stream` (positioned after the status pad), in order,
     checked as they come; raises UntrustedData at the first problem.
 
@@ -403,7 +403,9 @@ def _entry(line: bytes, *, inline: bool, kinds: dict[bytes, str], limits: Limits
         raise UntrustedData(f"manifest: line {lineno}: duplicate entry {_show(name)}")
     parent, slash, _ = name.rpartition(b"/")
     if slash and kinds.get(parent) != "Dir":
-        raise UntrustedData(f"manifest: line {lineno}: {_show(name)} is not inside a directory listed before it")
+        raise UntrustedData(
+            f"manifest: line {lineno}: {_show(name)} is not inside a directory listed before it"
+        )
     rest = fields[2:]
     mtime = None
     if inline:
@@ -433,7 +435,9 @@ def _entry(line: bytes, *, inline: bool, kinds: dict[bytes, str], limits: Limits
         raise UntrustedData(f"manifest: line {lineno}: a file of {size} bytes needs a block size and extents")
     blksize = _number(rest[1], "block size", MAX_BLKSIZE)
     if blksize < MIN_BLKSIZE or blksize & (blksize - 1):
-        raise UntrustedData(f"manifest: line {lineno}: block size {blksize} is not a power of two in 512..65536")
+        raise UntrustedData(
+            f"manifest: line {lineno}: block size {blksize} is not a power of two in 512..65536"
+        )
     extents = rest[2]
     if extents.startswith(b" ") or extents.endswith(b" ") or b"  " in extents:
         raise UntrustedData(f"manifest: line {lineno}: empty field (leading, trailing or double space)")
@@ -454,7 +458,9 @@ def _runs(entry: File, disk_size: int) -> Iterator[Run]:
         endblk = int(m.group(3)) if m.group(3) is not None else startblk
         endoff = int(m.group(4)) if m.group(4) is not None else bs - 1
         if startoff >= bs or endoff >= bs:
-            raise UntrustedData(f"manifest: {_show(entry.name)}: extent offset beyond its block {_show(token)}")
+            raise UntrustedData(
+                f"manifest: {_show(entry.name)}: extent offset beyond its block {_show(token)}"
+            )
         start = startblk * bs + startoff
         length = endblk * bs + endoff + 1 - start
         if length <= 0:
@@ -485,6 +491,8 @@ def _runs(entry: File, disk_size: int) -> Iterator[Run]:
             yield pending
             pending = run
     if left != 0:
-        raise UntrustedData(f"manifest: {_show(entry.name)}: extents cover {entry.size - left} of {entry.size} bytes")
+        raise UntrustedData(
+            f"manifest: {_show(entry.name)}: extents cover {entry.size - left} of {entry.size} bytes"
+        )
     if pending is not None:
         yield pending

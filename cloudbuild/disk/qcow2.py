@@ -157,7 +157,9 @@ class Qcow2Image:
         """(host offset or None for zeros, length) pieces covering guest bytes offset..offset+length,
         host-contiguous clusters coalesced."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise UntrustedData(f"qcow2: read of {length} bytes at {offset} outside the {self.size}-byte disk")
+            raise UntrustedData(
+                f"qcow2: read of {length} bytes at {offset} outside the {self.size}-byte disk"
+            )
         pending_host: int | None = None
         pending_len = 0
         end = offset + length

@@ -35,15 +35,21 @@ def drop_caches() -> None:
 def timed(argv: list[str], cwd: Path, *, shell: bool = False) -> tuple[float, bytes]:
     drop_caches()
     started = time.perf_counter()
-    proc = subprocess.run(argv if not shell else " ".join(argv), cwd=cwd, shell=shell, check=True, capture_output=True)
+    proc = subprocess.run(
+        argv if not shell else " ".join(argv), cwd=cwd, shell=shell, check=True, capture_output=True
+    )
     return time.perf_counter() - started, proc.stdout
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--files", type=int, default=10_000)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory in /var/tmp")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="default: a temporary directory in /var/tmp"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_blocklist: needs root (loop devices, drop_caches)", file=sys.stderr)
@@ -65,10 +71,15 @@ def main() -> int:
             python = sys.executable
             commands = {
                 "cloudbuild blocklist": (
-                    [f"find RPMS -print0 | {python} -m cloudbuild.disk.blocklist --format obs --manifest - -0"],
+                    [
+                        f"find RPMS -print0 | {python} -m cloudbuild.disk.blocklist --format obs --manifest - -0"
+                    ],
                     True,
                 ),
-                "computeblocklists (perl)": ([f"find RPMS -print0 | perl {COMPUTEBLOCKLISTS} --manifest - -0"], True),
+                "computeblocklists (perl)": (
+                    [f"find RPMS -print0 | perl {COMPUTEBLOCKLISTS} --manifest - -0"],
+                    True,
+                ),
                 "find | xargs filefrag -v": (["find RPMS -type f -print0 | xargs -0 filefrag -v"], True),
             }
             env_path = f"PYTHONPATH={REPO}"
@@ -76,7 +87,9 @@ def main() -> int:
             outputs: dict[str, bytes] = {}
             for _ in range(args.rounds):
                 for name, (argv, shell) in commands.items():
-                    elapsed, out = timed([env_path, *argv] if name.startswith("cloudbuild") else argv, mnt, shell=shell)
+                    elapsed, out = timed(
+                        [env_path, *argv] if name.startswith("cloudbuild") else argv, mnt, shell=shell
+                    )
                     times[name].append(elapsed)
                     outputs[name] = out
             assert outputs["cloudbuild blocklist"] == outputs["computeblocklists (perl)"], "manifests differ"

@@ -57,7 +57,9 @@ def build_image(work: Path) -> tuple[Path, Path]:
         small.mkdir()
         for i in range(500):
             (small / f"small-{i:03}.log").write_bytes(os.urandom(10 * 1024))
-        names = subprocess.run(["find", "RPMS", "OTHER", "-print0"], cwd=mnt, check=True, capture_output=True).stdout
+        names = subprocess.run(
+            ["find", "RPMS", "OTHER", "-print0"], cwd=mnt, check=True, capture_output=True
+        ).stdout
         buf = io.BytesIO()
         fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -93,9 +95,13 @@ def time_cp(image: Path, work: Path, dest: Path) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory in /var/tmp")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="default: a temporary directory in /var/tmp"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench_extract: needs root (loop devices, drop_caches)", file=sys.stderr)

@@ -59,7 +59,11 @@ def run(argv: list[str | os.PathLike[str]], **kwargs: object) -> subprocess.Comp
 def mounted(image: Path, mountpoint: Path, *, readonly: bool = False) -> Iterator[Path]:
     """Attach `image` to a loop device and mount it; always unmount and detach afterwards."""
     mountpoint.mkdir(exist_ok=True)
-    device = run(["losetup", "--find", "--show", *(["--read-only"] if readonly else []), image]).stdout.decode().strip()
+    device = (
+        run(["losetup", "--find", "--show", *(["--read-only"] if readonly else []), image])
+        .stdout.decode()
+        .strip()
+    )
     try:
         run(["mount", *(["-o", "ro"] if readonly else []), device, mountpoint])
         try:
@@ -213,7 +217,17 @@ def _build(fstype: str, workdir: Path) -> ResultDisk:
         names = result_names(mnt)
         listing = b"\0".join(names) + b"\0"
         manifests["perl"] = run(
-            ["perl", COMPUTEBLOCKLISTS, "--padstart", str(PAD), "--padend", str(PAD), "--manifest", "-", "-0"],
+            [
+                "perl",
+                COMPUTEBLOCKLISTS,
+                "--padstart",
+                str(PAD),
+                "--padend",
+                str(PAD),
+                "--manifest",
+                "-",
+                "-0",
+            ],
             cwd=mnt,
             input=listing,
         ).stdout

@@ -28,8 +28,10 @@ def test_guest_import_pulls_in_nothing_but_the_standard_library() -> None:
         " if m.split('.')[0] not in sys.stdlib_module_names and m.split('.')[0] != 'cloudbuild'];"
         "print(third); sys.exit(1 if third else 0)"
     )
-    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}"],
-                          capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); {code}"],
+        capture_output=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -39,7 +41,9 @@ def test_bad_symlinks_and_special_files_are_skipped_with_a_warning(tmp_path: Pat
     os.symlink("../../x", tmp_path / "out" / "escape")
     os.symlink("../x", tmp_path / "out" / "fine")
     os.mkfifo(tmp_path / "out" / "fifo")
-    proc = blocklist_cli(["--format", "obs", "out", "out/abs", "out/escape", "out/fine", "out/fifo"], tmp_path)
+    proc = blocklist_cli(
+        ["--format", "obs", "out", "out/abs", "out/escape", "out/fine", "out/fifo"], tmp_path
+    )
     assert proc.returncode == 0
     assert proc.stdout == b"d out\nl out/fine ../x\n"
     assert b"out/abs: bad symlink" in proc.stderr

@@ -56,7 +56,9 @@ def test_hostile_manifest_fails_cleanly_with_exit_3(
 def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: Path) -> None:
     """The corpus harness can tell success from failure."""
     good = dest.parent.parent / "good.manifest"
-    good.write_bytes(b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n")
+    good.write_bytes(
+        b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n"
+    )
     assert main(["--disk", str(small_disk), "--input", str(good), "--dest", str(dest)]) == 0
     data = small_disk.read_bytes()
     assert (dest / "ok" / "data").read_bytes() == data[1024:3072]
@@ -91,11 +93,20 @@ def test_line_and_entry_limits(small_disk: Path, dest: Path) -> None:
     try:
         disk = RawDisk(fd)
         with pytest.raises(UntrustedData, match="longer than"):
-            extract_stream(disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100))
+            extract_stream(
+                disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100)
+            )
         with pytest.raises(UntrustedData, match="more than 3 entries"):
-            extract_stream(disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3))
+            extract_stream(
+                disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3)
+            )
         with pytest.raises(UntrustedData, match="longer than 50 bytes"):
-            extract_stream(disk, io.BytesIO(b"".join(b"f %d 0\n" % i for i in range(20))), dest=dest, limits=Limits(max_manifest=50))
+            extract_stream(
+                disk,
+                io.BytesIO(b"".join(b"f %d 0\n" % i for i in range(20))),
+                dest=dest,
+                limits=Limits(max_manifest=50),
+            )
     finally:
         os.close(fd)
     assert leftovers(dest) == []
@@ -108,7 +119,9 @@ _COMPONENTS = ["a", "b", "..", ".", "", "%2F", "%00", "%20", "%25", "%2", "%0a",
 _NUMBERS = st.one_of(
     st.integers(0, 4),
     st.integers(0, 2000),
-    st.sampled_from([511, 512, 1023, 1024, 4095, 4096, 65536, DISK_SIZE - 1, DISK_SIZE, 2**31, 2**63, 10**30]),
+    st.sampled_from(
+        [511, 512, 1023, 1024, 4095, 4096, 65536, DISK_SIZE - 1, DISK_SIZE, 2**31, 2**63, 10**30]
+    ),
 ).map(str)
 
 
@@ -225,7 +238,9 @@ def _all_paths(root: str) -> Iterator[str]:
             yield os.path.join(dirpath, name)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=_manifest(), max_size=st.sampled_from([None, 0, 4096, 100_000]))
 def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, max_size: int | None) -> None:
     guard = _Guard(DISK_SIZE)

@@ -41,7 +41,7 @@ def test_blocklist_obs_format_is_byte_identical_to_computeblocklists(result_disk
 
 
 def test_obs_mtimes_format_is_obs_lines_plus_a_trailer(result_disk: ResultDisk) -> None:
-    obs = result_disk.manifests["obs"][: -PAD]
+    obs = result_disk.manifests["obs"][:-PAD]
     with_trailer = result_disk.manifests["obs+mtimes"]
     assert with_trailer.startswith(obs + b"\n" + manifest.TRAILER_MTIMES + b"\n")
 
@@ -67,7 +67,16 @@ def test_perl_extractbuild_reads_cloudbuild_manifests(result_disk: ResultDisk, d
         target = dest / flavour
         target.mkdir()
         run(
-            ["perl", EXTRACTBUILD, "--disk", result_disk.image, "--input", result_disk.swaps[flavour], "--skip", str(PAD)],
+            [
+                "perl",
+                EXTRACTBUILD,
+                "--disk",
+                result_disk.image,
+                "--input",
+                result_disk.swaps[flavour],
+                "--skip",
+                str(PAD),
+            ],
             cwd=target,
         )
         assert snapshot(target, mtimes=False) == without_mtimes(result_disk.expected), flavour
@@ -77,7 +86,16 @@ def test_perl_extractbuild_refuses_the_inline_mtime_format_before_creating_anyth
     result_disk: ResultDisk, dest: Path
 ) -> None:
     proc = subprocess.run(
-        ["perl", EXTRACTBUILD, "--disk", result_disk.image, "--input", result_disk.swaps["mtime"], "--skip", str(PAD)],
+        [
+            "perl",
+            EXTRACTBUILD,
+            "--disk",
+            result_disk.image,
+            "--input",
+            result_disk.swaps["mtime"],
+            "--skip",
+            str(PAD),
+        ],
         cwd=dest,
         capture_output=True,
     )
@@ -85,11 +103,16 @@ def test_perl_extractbuild_refuses_the_inline_mtime_format_before_creating_anyth
     assert os.listdir(dest) == []
 
 
-def test_cloudbuild_and_perl_extract_identical_trees_from_perl_manifest(result_disk: ResultDisk, dest: Path) -> None:
+def test_cloudbuild_and_perl_extract_identical_trees_from_perl_manifest(
+    result_disk: ResultDisk, dest: Path
+) -> None:
     (dest / "perl").mkdir()
     (dest / "cloudbuild").mkdir()
     swap = result_disk.swaps["perl"]
-    run(["perl", EXTRACTBUILD, "--disk", result_disk.image, "--input", swap, "--skip", str(PAD)], cwd=dest / "perl")
+    run(
+        ["perl", EXTRACTBUILD, "--disk", result_disk.image, "--input", swap, "--skip", str(PAD)],
+        cwd=dest / "perl",
+    )
     extract_results(result_disk.image, swap, skip=PAD, dest=dest / "cloudbuild")
     assert snapshot(dest / "perl", mtimes=False) == snapshot(dest / "cloudbuild", mtimes=False)
 
@@ -100,7 +123,16 @@ def test_cli_extracts_into_the_current_directory_and_reads_stdin(
     monkeypatch.chdir(dest)
     with open(result_disk.swaps["obs+mtimes"], "rb") as swap:
         proc = subprocess.run(
-            [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", str(result_disk.image), "--skip", "512", "-v"],
+            [
+                sys.executable,
+                "-m",
+                "cloudbuild.disk.extract",
+                "--disk",
+                str(result_disk.image),
+                "--skip",
+                "512",
+                "-v",
+            ],
             stdin=swap,
             capture_output=True,
             env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": ""},
@@ -114,9 +146,24 @@ def test_cli_extracts_into_the_current_directory_and_reads_stdin(
 @pytest.mark.parametrize("compat", ["0.10", "1.1"])
 def test_qcow2_image_extracts_identically(result_disk: ResultDisk, dest: Path, compat: str) -> None:
     qcow = dest.parent.parent / f"root-{compat}.qcow2"
-    run([require_tool("qemu-img"), "convert", "-f", "raw", "-O", "qcow2", "-o", f"compat={compat}", result_disk.image, qcow])
+    run(
+        [
+            require_tool("qemu-img"),
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            f"compat={compat}",
+            result_disk.image,
+            qcow,
+        ]
+    )
     try:
-        extract_results(qcow, result_disk.swaps["obs+mtimes"], skip=PAD, dest=dest, qcow2=True, max_size=1 << 30)
+        extract_results(
+            qcow, result_disk.swaps["obs+mtimes"], skip=PAD, dest=dest, qcow2=True, max_size=1 << 30
+        )
         assert snapshot(dest) == result_disk.expected
     finally:
         qcow.unlink()
@@ -135,14 +182,26 @@ def test_compressed_qcow2_is_refused_cleanly(result_disk: ResultDisk, dest: Path
 
 def test_max_size_below_the_results_refuses_and_leaves_nothing(result_disk: ResultDisk, dest: Path) -> None:
     code = main(
-        ["--disk", str(result_disk.image), "--input", str(result_disk.swaps["obs"]), "--skip", "512",
-         "--dest", str(dest), "--max-size", str(4 * 1024 * 1024)]
+        [
+            "--disk",
+            str(result_disk.image),
+            "--input",
+            str(result_disk.swaps["obs"]),
+            "--skip",
+            "512",
+            "--dest",
+            str(dest),
+            "--max-size",
+            str(4 * 1024 * 1024),
+        ]
     )
     assert code == 3
     assert leftovers(dest) == []
 
 
-def test_existing_name_in_destination_is_refused_and_nothing_moved(result_disk: ResultDisk, dest: Path) -> None:
+def test_existing_name_in_destination_is_refused_and_nothing_moved(
+    result_disk: ResultDisk, dest: Path
+) -> None:
     (dest / "OTHER").mkdir()
     with pytest.raises(UntrustedData, match="already exists"):
         extract_results(result_disk.image, result_disk.swaps["obs"], skip=PAD, dest=dest)

@@ -92,7 +92,9 @@ def test_writer_round_trips_any_name_bytes() -> None:
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
-@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=8, unique=True), st.integers(0, 10**10))
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=8, unique=True), st.integers(0, 10**10)
+)
 def test_writer_output_parses_back(raw_names: list[bytes], mtime: int) -> None:
     names = list(dict.fromkeys(n.replace(b"/", b"_") for n in raw_names))
     names = [n for n in names if manifest.name_problem(n) is None]

@@ -49,8 +49,15 @@ def open_image(path: Path) -> Qcow2Image:
     return Qcow2Image(os.open(path, os.O_RDONLY))
 
 
-@pytest.mark.parametrize("options", [["-o", "compat=0.10"], ["-o", "compat=1.1"], ["-o", "cluster_size=512"],
-                                     ["-o", "compat=1.1,cluster_size=2M"]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["-o", "compat=0.10"],
+        ["-o", "compat=1.1"],
+        ["-o", "cluster_size=512"],
+        ["-o", "compat=1.1,cluster_size=2M"],
+    ],
+)
 def test_guest_bytes_match_the_raw_disk(raw: Path, tmp_path: Path, options: list[str]) -> None:
     image = open_image(convert(raw, tmp_path / "d.qcow2", *options))
     data = raw.read_bytes()
@@ -90,7 +97,18 @@ def test_extended_l2_and_external_data_file_are_refused(tmp_path: Path) -> None:
     run([qemu_img, "create", "-f", "qcow2", "-o", "extended_l2=on", tmp_path / "ext.qcow2", "1M"])
     with pytest.raises(UntrustedData, match="subclusters"):
         open_image(tmp_path / "ext.qcow2")
-    run([qemu_img, "create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'data.raw'}", tmp_path / "df.qcow2", "1M"])
+    run(
+        [
+            qemu_img,
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            f"data_file={tmp_path / 'data.raw'}",
+            tmp_path / "df.qcow2",
+            "1M",
+        ]
+    )
     with pytest.raises(UntrustedData, match="external data file"):
         open_image(tmp_path / "df.qcow2")
 
@@ -116,7 +134,9 @@ def patched(src: Path, dst: Path, offset: int, fmt: str, value: int) -> Path:
         (72, ">Q", 1 << 20, "unknown incompatible"),
     ],
 )
-def test_hostile_headers_are_refused(raw: Path, tmp_path: Path, offset: int, fmt: str, value: int, match: str) -> None:
+def test_hostile_headers_are_refused(
+    raw: Path, tmp_path: Path, offset: int, fmt: str, value: int, match: str
+) -> None:
     good = convert(raw, tmp_path / "good.qcow2", "-o", "compat=1.1")
     with pytest.raises(UntrustedData, match=match):
         open_image(patched(good, tmp_path / "bad.qcow2", offset, fmt, value))
@@ -151,8 +171,11 @@ def small_qcow2(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)
-@given(edits=st.lists(st.tuples(st.integers(0, 8191), st.integers(0, 255)), min_size=1, max_size=8),
-       offset=st.integers(0, 300 * 1024), length=st.integers(0, 64 * 1024))
+@given(
+    edits=st.lists(st.tuples(st.integers(0, 8191), st.integers(0, 255)), min_size=1, max_size=8),
+    offset=st.integers(0, 300 * 1024),
+    length=st.integers(0, 64 * 1024),
+)
 def test_fuzz_mutated_images_fail_cleanly_and_read_inside_the_file(
     small_qcow2: bytes, edits: list[tuple[int, int]], offset: int, length: int
 ) -> None:
