@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +230,7 @@ class Ec2Limits:
     terminate: float = 600.0
     poll: float = 1.0  # first poll interval of a wait; grows by half to poll_max
     poll_max: float = 10.0
+    console_poll_max: float = 5.0  # while a build runs: how late a power-off is noticed, at most
     broken_after: int = 3  # attach failures in a row on this worker before it declares itself broken
 
 
@@ -328,6 +329,8 @@ class EbsVolume(Volume):
         self._client_token = client_token
         self._device_name: str | None = None  # the name EC2 attached it under, on the current machine
         self._wiped = False
+        self._creating = False
+        self._attach_requested = 0.0
 
     @property
     def id(self) -> str:
@@ -378,7 +381,6 @@ class EbsVolume(Volume):
     # - create / delete -
 
     def create(self) -> None:
-        limits = self.ctx.limits
         if self._id is not None:
             info = self.describe()
             if info is None:
@@ -401,9 +403,17 @@ class EbsVolume(Volume):
             params["ClientToken"] = self._client_token  # a retried create returns the same volume
         created = self.ctx.api.must("create_volume", **params)
         self._id = str(created["VolumeId"])
-        with bound(volume=self._id):
-            log.info("volume created", size_gib=params["Size"], zone=params["AvailabilityZone"])
-            self._wait_state("available", limits.create)
+        # no wait here: the volume becomes available while the next one is created; the first
+        # operation that needs it (attach, delete) waits (`_ready`)
+        self._creating = True
+        log.info("volume created", volume=self._id, size_gib=params["Size"], zone=params["AvailabilityZone"])
+
+    def _ready(self) -> None:
+        """Wait until a volume we just created is available (once)."""
+        if self._creating:
+            with bound(volume=self._id):
+                self._wait_state("available", self.ctx.limits.create)
+            self._creating = False
 
     def _wait_state(self, want: str, timeout: float) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
@@ -427,6 +437,7 @@ class EbsVolume(Volume):
     def delete(self) -> None:
         if self._id is None or not self.owned:
             return
+        self._ready()
         self.ctx.api.call("delete_volume", VolumeId=self._id, missing_ok=NOT_FOUND)
         log.info("volume deleted", volume=self._id)
 
@@ -436,27 +447,15 @@ class EbsVolume(Volume):
         target = host or self.ctx.identity.instance_id
         here = target == self.ctx.identity.instance_id
         with bound(volume=self.volume_id, attach_to=target):
-            info = self.describe()
-            if info is None:
-                raise InfraError(f"EBS volume {self._id} vanished")
-            att = self._attachment(info)
-            if (
-                att is not None
-                and att.get("InstanceId") == target
-                and att["State"] in ("attached", "attaching")
-            ):
-                self._device_name = str(att.get("Device"))
-            else:
-                if att is not None:
-                    self.detach()
-                try:
-                    self._attach_with_flip(target)
-                except InfraError as exc:
-                    if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
-                        raise AttachHealth(self.ctx).failed(
-                            InfraError(f"attaching EBS volume {self._id} to this worker failed: {exc}")
-                        ) from exc
-                    raise
+            try:
+                if not self._prepare_attach(target):
+                    self._attach_with_flip(target, attempts=2)
+            except InfraError as exc:
+                if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
+                    raise AttachHealth(self.ctx).failed(
+                        InfraError(f"attaching EBS volume {self._id} to this worker failed: {exc}")
+                    ) from exc
+                raise
             if not here:
                 return None
             node = self._local_node()
@@ -465,16 +464,31 @@ class EbsVolume(Volume):
                 self.wipe(node)
             return node
 
-    def _attach_with_flip(self, target: str) -> None:
-        """Attach and wait; a volume that flips back to `available` gets one more attach."""
-        for attempt in (1, 2):
-            if self._attach_once(target):
+    def _prepare_attach(self, target: str) -> bool:
+        """Make the volume attachable to `target`; True when it is attached there already."""
+        self._ready()
+        info = self.describe()
+        if info is None:
+            raise InfraError(f"EBS volume {self._id} vanished")
+        att = self._attachment(info)
+        if att is not None and att.get("InstanceId") == target and att["State"] in ("attached", "attaching"):
+            self._device_name = str(att.get("Device"))
+            return True
+        if att is not None:
+            self.detach()
+        return False
+
+    def _attach_with_flip(self, target: str, *, attempts: int) -> None:
+        """Attach and wait; a volume that flips back to `available` is attached once more."""
+        for attempt in range(1, attempts + 1):
+            self._request_attach(target)
+            if self._wait_attached(target):
                 return
             log.warning("volume flipped back to available after attach", attempt=attempt)
         raise InfraError(f"EBS volume {self._id} flipped back to available twice after attaching to {target}")
 
-    def _attach_once(self, target: str) -> bool:
-        limits = self.ctx.limits
+    def _request_attach(self, target: str) -> None:
+        # under the host lock: the name is taken in EC2's view before the next slot picks one
         with host_lock(self.ctx.lock_file):
             name = pick_device_name(self._names_in_use(target))
             self.ctx.api.must(
@@ -485,8 +499,13 @@ class EbsVolume(Volume):
                 eventual=("IncorrectState", "InvalidVolume.NotFound", "InvalidInstanceID.NotFound"),
             )
         self._device_name = name
-        log.info("volume attaching", device_name=name)
-        started = time.monotonic()
+        self._attach_requested = time.monotonic()
+        log.info("volume attaching", volume=self._id, device_name=name, attach_to=target)
+
+    def _wait_attached(self, target: str) -> bool:
+        """Wait for the requested attachment: True attached, False flipped back to available."""
+        limits = self.ctx.limits
+        started = self._attach_requested
         seen = False
 
         def probe() -> str | None:
@@ -549,28 +568,34 @@ class EbsVolume(Volume):
         return node
 
     def detach(self) -> None:
-        info = self.describe()
-        att = self._attachment(info)
+        if self._request_detach(force=False):
+            self._wait_detached()
+
+    def _request_detach(self, *, force: bool) -> bool:
+        """Ask EC2 to detach; False when the volume is attached nowhere."""
+        att = self._attachment(self.describe())
         if att is None:
-            return
-        with bound(volume=self.volume_id, detach_from=att.get("InstanceId")):
-            for force in (False, True):
-                self.ctx.api.call(
-                    "detach_volume",
-                    VolumeId=self.volume_id,
-                    InstanceId=att["InstanceId"],
-                    Force=force,
-                    missing_ok=("IncorrectState", "InvalidAttachment.NotFound"),
-                )
-                log.info("volume detaching", force=force)
-                try:
+            self._device_name = None
+            return False
+        self.ctx.api.call(
+            "detach_volume",
+            VolumeId=self.volume_id,
+            InstanceId=att["InstanceId"],
+            Force=force,
+            missing_ok=("IncorrectState", "InvalidAttachment.NotFound"),
+        )
+        log.info("volume detaching", volume=self._id, detach_from=att.get("InstanceId"), force=force)
+        return True
+
+    def _wait_detached(self) -> None:
+        """Wait until available; a detach stuck past its deadline is forced once."""
+        with bound(volume=self.volume_id):
+            try:
+                self._wait_state("available", self.ctx.limits.detach)
+            except DeadlineExceeded:
+                log.warning("volume stuck detaching, forcing")
+                if self._request_detach(force=True):
                     self._wait_state("available", self.ctx.limits.detach)
-                except DeadlineExceeded:
-                    if force:
-                        raise
-                    log.warning("volume stuck detaching, forcing")
-                    continue
-                break
         self._device_name = None
 
     # - wipe / release -
@@ -614,6 +639,29 @@ class EbsVolume(Volume):
                 if node is not None:
                     self.wipe(node)
         super().release()
+
+
+def attach_all(volumes: Sequence[EbsVolume], host: str) -> None:
+    """Attach volumes to another machine (the builder): every request first, then the waits, so
+    the attachments progress together. A volume that flips back gets one more attach of its own."""
+    requested: list[EbsVolume] = []
+    for volume in volumes:
+        with bound(volume=volume.volume_id, attach_to=host):
+            if not volume._prepare_attach(host):
+                volume._request_attach(host)
+                requested.append(volume)
+    for volume in requested:
+        with bound(volume=volume.volume_id, attach_to=host):
+            if not volume._wait_attached(host):
+                log.warning("volume flipped back to available after attach", attempt=1)
+                volume._attach_with_flip(host, attempts=1)
+
+
+def detach_all(volumes: Sequence[EbsVolume]) -> None:
+    """Detach volumes: every request first, then the waits."""
+    requested = [volume for volume in volumes if volume._request_detach(force=False)]
+    for volume in requested:
+        volume._wait_detached()
 
 
 # --- console ------------------------------------------------------------------------------------
@@ -912,6 +960,8 @@ class Ec2Backend(Backend):
         if pair.swap is None:
             raise InfraError("--vm-type ec2 needs a swap volume for status and results")
         root, swap = pair.root, pair.swap
+        if not isinstance(root, EbsVolume) or not isinstance(swap, EbsVolume):
+            raise InfraError("--vm-type ec2 runs builds on EBS volumes only")
         hook = user_data(build_id=slot.build_id, root=root.id, swap=swap.id)
         started = time.monotonic()
         builder = self._claim_from_pool(slot, hook)
@@ -922,8 +972,7 @@ class Ec2Backend(Backend):
         with bound(builder=builder, pool=self._builder_from_pool):
             if self._builder_from_pool:
                 # stopped: attach first, then start; the hook finds the volumes at boot
-                root.attach(builder)
-                swap.attach(builder)
+                attach_all([root, swap], builder)
                 self.api.must("start_instances", InstanceIds=[builder], eventual=("IncorrectState",))
             else:
                 # a new instance boots at once; attach as soon as EC2 accepts it (pending -> running),
@@ -933,15 +982,13 @@ class Ec2Backend(Backend):
                 )
                 if state not in ("running", "stopped"):
                     return self._lost(state)
-                root.attach(builder)
-                swap.attach(builder)
+                attach_all([root, swap], builder)
             log.info("builder started", seconds=round(time.monotonic() - started, 3))
             remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
             result = self._stream_until_stopped(console, remaining)
             if result is not None:
                 return result
-            root.detach()
-            swap.detach()
+            detach_all([root, swap])
             return BootResult(ExitReason.POWERED_OFF)
 
     def _lost(self, state: str) -> BootResult:
@@ -984,7 +1031,7 @@ class Ec2Backend(Backend):
                 what=f"builder {self.builder} to power off",
                 timeout=timeout if timeout is not None else float("inf"),
                 interval=self.ctx.limits.poll,
-                max_interval=self.ctx.limits.poll_max,
+                max_interval=self.ctx.limits.console_poll_max,
             )
         except DeadlineExceeded:
             log.error("build timed out, stopping the builder", timeout=timeout)
@@ -1034,11 +1081,10 @@ class Ec2Backend(Backend):
                     log.warning("could not return the builder to the pool, terminating it", error=str(exc))
                     keep = False
             if not keep:
+                # no wait for "terminated": the volumes were taken back already, and a builder
+                # stuck in shutting-down is still swept by gc (its tags stay)
                 self.api.call("terminate_instances", InstanceIds=[builder], missing_ok=NOT_FOUND)
-                self._wait_builder(
-                    ("terminated", "vanished"), self.ctx.limits.terminate, "the builder to terminate"
-                )
-                log.info("builder terminated")
+                log.info("builder terminating")
             self.builder = None
 
     def _return_to_pool(self, builder: str, state: str) -> bool:

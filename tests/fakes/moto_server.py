@@ -63,6 +63,7 @@ FAST = Ec2Limits(
     terminate=5.0,
     poll=0.005,
     poll_max=0.02,
+    console_poll_max=0.02,
     broken_after=3,
 )
 """Short waits for tests: moto is instant, a wait that runs out means the code is wrong."""
@@ -96,6 +97,14 @@ def reset_moto(url: str) -> None:
 
 
 _ACTIVE: list[Aws] = []
+_SESSIONS: list[boto3.Session] = []
+
+
+def _session() -> boto3.Session:
+    """One boto3 session for all tests: it loads EC2's service model once, not per client."""
+    if not _SESSIONS:
+        _SESSIONS.append(boto3.Session())
+    return _SESSIONS[0]
 
 
 @dataclass
@@ -105,7 +114,7 @@ class Aws:
 
     def client(self) -> Any:
         """A client bound to this moto by explicit endpoint (safe even after the env is restored)."""
-        return boto3.client(
+        return _session().client(
             "ec2",
             region_name=REGION,
             endpoint_url=self.url,
@@ -435,7 +444,7 @@ def ec2_world_fixture(
     monkeypatch: pytest.MonkeyPatch,
     console_from_emulator: Callable[[HostEmulator], None],
 ) -> Iterator[Ec2World]:
-    ec2 = client(REGION)  # found through AWS_ENDPOINT_URL_EC2, as production finds EC2
+    ec2 = client(REGION, session=_session())  # found through AWS_ENDPOINT_URL_EC2, as production finds EC2
     ami = register_ami(ec2, "cloudbuild-builder")
     worker = ec2.run_instances(
         ImageId=ami, MinCount=1, MaxCount=1, InstanceType="m5.large", Placement={"AvailabilityZone": ZONE}
