@@ -18,6 +18,7 @@ every cloud. docs/openstack.md is the operator's guide.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
@@ -41,6 +42,7 @@ log = get_logger(__name__)
 
 
 KILLED_STATUS = 1
+_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
 def _server_name(slot: BuildSlot) -> str:
@@ -106,6 +108,11 @@ class OpenStackBackend(Backend):
             )
         if o.openstack_network is None:
             log.info("builder gets no network (pass --openstack-network NET to give it one)")
+        elif not _UUID.fullmatch(o.openstack_network):
+            raise UsageError(
+                f"--openstack-network {o.openstack_network}: give the network's id "
+                "(`openstack network show NAME -f value -c id`)"
+            )
         worker = self.worker
         compute = self.api.conn.compute
         server = self.api.find(f"get worker server {worker}", lambda: compute.get_server(worker))
@@ -238,7 +245,9 @@ class OpenStackBackend(Backend):
             return
         name = _server_name(self.slot)
         compute = self.api.conn.compute
-        servers = self.api.call(f"find server {name}", lambda: list(compute.servers(name=f"^{name}$")))
+        servers = self.api.call(
+            f"find server {name}", lambda: list(compute.servers(name=f"^{re.escape(name)}$"))
+        )
         for server in servers:
             if server.name == name and (server.metadata or {}).get(TAG_OWNER) == self.worker:
                 builder = Builder(self.api, name=name)

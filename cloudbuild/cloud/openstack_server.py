@@ -11,6 +11,7 @@ their virtio serial and runs the guest agent on them, which powers the server of
 from __future__ import annotations
 
 import base64
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH
 from cloudbuild.errors import CloudbuildError, DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import call_with_retries, wait_for
+from cloudbuild.volume import TAG_OWNER
 
 log = get_logger(__name__)
 
@@ -133,7 +135,7 @@ class Builder:
             nonlocal attempts
             attempts += 1
             if attempts > 1:
-                existing = self._find_by_name()
+                existing = self._find_by_name(metadata.get(TAG_OWNER))
                 if existing is not None:
                     return existing
             server = self.compute.create_server(
@@ -152,9 +154,10 @@ class Builder:
         self.log.info("builder server created", image=image, flavor=flavor, volumes=volumes)
         return self.id
 
-    def _find_by_name(self) -> str | None:
-        for server in self.compute.servers(name=f"^{self.name}$"):
-            if server.name == self.name:
+    def _find_by_name(self, owner: str | None) -> str | None:
+        """Our server of this name (another worker may run a build of the same id)."""
+        for server in self.compute.servers(name=f"^{re.escape(self.name)}$"):
+            if server.name == self.name and (server.metadata or {}).get(TAG_OWNER) == owner:
                 return str(server.id)
         return None
 

@@ -26,7 +26,7 @@ from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import CommandError, run
-from cloudbuild.volume import TAG_BUILD, TAG_ROLE, TAG_SLOT, Role, Volume, VolumeState
+from cloudbuild.volume import TAG_BUILD, TAG_OWNER, TAG_ROLE, TAG_SLOT, Role, Volume, VolumeState
 
 log = get_logger(__name__)
 
@@ -218,7 +218,7 @@ class CinderVolume(Volume):
         self._wait("available", self.api.timeouts.volume_ready, lambda s: s.status == "available")
 
     def _find_own(self) -> str | None:
-        wanted = {k: self.tags[k] for k in (TAG_BUILD, TAG_SLOT, TAG_ROLE) if k in self.tags}
+        wanted = {k: self.tags[k] for k in (TAG_OWNER, TAG_BUILD, TAG_SLOT, TAG_ROLE) if k in self.tags}
         if not wanted:
             return None
         found = list(self.api.conn.block_storage.volumes(details=False, properties=json.dumps(wanted)))

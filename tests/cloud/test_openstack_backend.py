@@ -196,6 +196,8 @@ def test_verify_needs_the_builder_image(emu: Emulation, tmp_path: Path) -> None:
         backend_for(emu, tmp_path, vm_kernel="nosuchimage").verify()
     with pytest.raises(UsageError, match="no flavor"):
         backend_for(emu, tmp_path, openstack_flavor="m9.huge").verify()
+    with pytest.raises(UsageError, match="network's id"):
+        backend_for(emu, tmp_path, openstack_network="build-net").verify()
     with pytest.raises(UsageError, match="no OpenStack flavor has 64 vCPUs"):
         backend_for(emu, tmp_path, jobs=64).verify()
     outcome, _ = build(emu, tmp_path, vm_kernel="nosuchimage")
