@@ -224,6 +224,11 @@ class ZvmBackend(Backend):
         self._console: subprocess.Popen[bytes] | None = None
 
     @property
+    def guest_swap_device(self) -> str:
+        """What the worker calls its swap minidisk (build.data's VM_SWAP); the first partition, as obs-build."""
+        return f"/dev/disk/by-path/ccw-0.0.{self.disks[1].lower()}-part1"
+
+    @property
     def worker(self) -> str:
         if not self.options.vm_worker:
             raise UsageError("--vm-type zvm needs --vm-worker NAME (the z/VM guest that builds)")

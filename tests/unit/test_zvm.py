@@ -257,6 +257,7 @@ def test_whole_build_through_the_fakes_with_real_staging_and_extraction(
     assert state["errors"] == [], state["errors"]
     assert state["local_links"] == {} and state["online"] == {}
     assert state["memory"][WORKER] == "1024M"
+    assert "VM_SWAP='/dev/disk/by-path/ccw-0.0.0250-part1'" in state["guest_seen"]["build_data"]
     # the guest got a staged root with a boot record
     assert ".build" in state["guest_seen"]["root_entries"] and "boot" in state["guest_seen"]["root_entries"]
     calls = zvm_env.calls()
