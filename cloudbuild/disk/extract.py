@@ -38,6 +38,7 @@ _BUFFER = 8 << 20  # for the pread/pwrite fallback
 _PREFETCH_MIN = 1 << 20
 _PREFETCH_ENTRIES = 32  # manifest entries parsed ahead of the one being extracted
 _PREFETCH_BYTES = 256 << 20  # disk bytes announced ahead
+_PREFETCH_TEXT = 4 << 20  # extent text held ahead
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # errors the manifest's content can provoke while creating entries (the rest are the host's)
@@ -275,25 +276,29 @@ def _announce(disk: DiskSource, entry: manifest.File, budget: int) -> int:
 
 def _prefetched(entries: Iterator[manifest.Entry], disk: DiskSource) -> Iterator[manifest.Entry]:
     """The entries, in order, with the disk reads of the next few files announced while the
-    current one is copied: the device always has the next file's reads queued."""
-    window: deque[tuple[manifest.Entry, int]] = deque()
-    ahead = 0
+    current one is copied: the device always has the next file's reads queued. The window is
+    bounded in entries, announced bytes and held extent text (memory stays one line's worth)."""
+    window: deque[tuple[manifest.Entry, int, int]] = deque()
+    ahead = held = 0
     more = True
     while True:
-        while more and len(window) < _PREFETCH_ENTRIES and ahead < _PREFETCH_BYTES:
+        while more and len(window) < _PREFETCH_ENTRIES and ahead < _PREFETCH_BYTES and held < _PREFETCH_TEXT:
             entry = next(entries, None)
             if entry is None:
                 more = False
                 break
-            announced = 0
+            announced = text = 0
             if isinstance(entry, manifest.File) and entry.size:
                 announced = _announce(disk, entry, _PREFETCH_BYTES - ahead)
-            window.append((entry, announced))
+                text = len(entry.extents)
+            window.append((entry, announced, text))
             ahead += announced
+            held += text
         if not window:
             return
-        entry, announced = window.popleft()
+        entry, announced, text = window.popleft()
         ahead -= announced
+        held -= text
         yield entry
 
 

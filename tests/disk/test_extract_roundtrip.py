@@ -253,3 +253,16 @@ def test_every_copy_method_copies_the_same_bytes(tmp_path: Path, mode: str) -> N
         os.close(sfd)
         os.close(dfd)
     assert (tmp_path / "dst").read_bytes() == bytes(7) + data[1000:]
+
+
+def test_disk_and_swap_as_block_devices_like_the_vm_flow(result_disk: ResultDisk, dest: Path) -> None:
+    devices = []
+    try:
+        for path in (result_disk.image, result_disk.swaps["obs+mtimes"]):
+            devices.append(run(["losetup", "--find", "--show", "--read-only", path]).stdout.decode().strip())
+        code = main(["--disk", devices[0], "--input", devices[1], "--skip", "512", "--dest", str(dest)])
+    finally:
+        for device in devices:
+            run(["losetup", "-d", device])
+    assert code == 0
+    assert snapshot(dest) == result_disk.expected
