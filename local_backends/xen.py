@@ -226,9 +226,12 @@ class XenBackend(Backend):
         self._killed = False
         watchdog.open()
         console.write(b"booting xen...\n")
-        exit_ = run_machine(self.argv(pair, config, name), watchdog, timeout=timeout, started=self._procs)
+        # at the timeout the domain is destroyed first; `xl create -c` (only its console) then ends
+        exit_ = run_machine(
+            self.argv(pair, config, name), watchdog, timeout=timeout, started=self._procs, stop=self.kill
+        )
         watchdog.close()
-        if exit_.timed_out or watchdog.fired:
+        if watchdog.fired:
             self.kill()
         if watchdog.fired:
             return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
