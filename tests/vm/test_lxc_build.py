@@ -125,3 +125,27 @@ def test_cloudbuild_kill_stops_the_build_which_then_fails(tmp_path: Path, rootfs
     assert not (tmp_path / "out").exists()
     again = cli_kill(tmp_path, cache, VM, "killme")
     assert again.returncode == 0 and "no build killme is running" in again.stderr
+
+
+def test_container_config_keeps_the_build_away_from_the_host(tmp_path: Path) -> None:
+    from cloudbuild.errors import UsageError
+    from local_backends.lxc import container_config
+
+    text = container_config(
+        name="cloudbuild-b1",
+        tree=Path("/cache/tree"),
+        buildroot=tmp_path / "root",
+        status_dir=tmp_path / "st",
+        memory_mib=512,
+    )
+    lines = text.splitlines()
+    assert "lxc.rootfs.path = dir:/cache/tree" in lines and "lxc.rootfs.options = ro" in lines
+    assert f"lxc.mount.entry = {tmp_path / 'root'} mnt/buildroot none bind,create=dir 0 0" in lines
+    assert "lxc.net.0.type = empty" in lines
+    assert any(line.startswith("lxc.cap.drop = ") and "sys_boot" in line for line in lines)
+    assert "--no-poweroff" in next(line for line in lines if line.startswith("lxc.init.cmd"))
+    assert "lxc.cgroup.memory.limit_in_bytes = 512M" in lines
+    with pytest.raises(UsageError, match="white space"):
+        container_config(
+            name="x", tree=Path("/a b"), buildroot=tmp_path, status_dir=tmp_path, memory_mib=None
+        )

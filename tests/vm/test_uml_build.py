@@ -42,7 +42,9 @@ def nothing_left(tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("fs", "size"), [("ext4", "128"), ("xfs", "320")])
-def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache: Path, fs: str, size: str) -> None:
+def test_success_returns_results_byte_exact(
+    tmp_path: Path, rootfs: Path, cache: Path, fs: str, size: str
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     data = os.urandom(3 * 1024 * 1024 + 123)
@@ -57,7 +59,9 @@ def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache:
         "ln -s /etc/passwd $BUILD_RESULTS/evil\n"
         "grep -q ubda /proc/cmdline && echo uml machine: $(uname -m)\n",
     )
-    proc = cli_build(tmp_path, cache, VM, rootfs, script, *DISKS, "--vm-disk-filesystem", fs, "--vm-disk-size", size)
+    proc = cli_build(
+        tmp_path, cache, VM, rootfs, script, *DISKS, "--vm-disk-filesystem", fs, "--vm-disk-size", size
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(tmp_path / "out") == {
         "RPMS": "d",
@@ -103,3 +107,45 @@ def test_cloudbuild_kill_marks_the_swap_and_stops_uml(tmp_path: Path, rootfs: Pa
             build.kill()
     assert build.returncode == 1, stderr[-3000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_is_the_seeds_with_a_memory_unit(tmp_path: Path) -> None:
+    from local_backends.uml import uml_argv
+
+    argv = uml_argv(
+        kernel=Path("/usr/bin/linux.uml"),
+        root=tmp_path / "root.img",
+        swap=tmp_path / "swap.img",
+        initrd=tmp_path / "initrd",
+        memory_mib=512,
+        fstype="xfs",
+        root_options="noatime",
+    )
+    assert argv == [
+        "/usr/bin/linux.uml",
+        f"ubda={tmp_path / 'root.img'}",
+        f"ubdb={tmp_path / 'swap.img'}",
+        "root=/dev/ubda",
+        "rootfstype=xfs",
+        "rootflags=noatime",
+        "rw",
+        "mem=512M",
+        "con=null",
+        "con0=null,fd:1",
+        f"initrd={tmp_path / 'initrd'}",
+        "panic=1",
+        "quiet",
+        "cloudbuild.swap=/dev/ubdb",
+    ]
+    from cloudbuild.errors import UsageError
+
+    with pytest.raises(UsageError, match="comma"):
+        uml_argv(
+            kernel=Path("k"),
+            root=Path("/a,b"),
+            swap=None,
+            initrd=Path("i"),
+            memory_mib=1,
+            fstype="ext4",
+            root_options="",
+        )
