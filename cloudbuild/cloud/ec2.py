@@ -16,6 +16,7 @@ The leak sweep is `cloudbuild.cloud.common.sweep`; `Ec2GcAdapter` only lists, st
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -331,6 +332,7 @@ class EbsVolume(Volume):
         self._wiped = False
         self._creating = False
         self._attach_requested = 0.0
+        self.partner: EbsVolume | None = None  # the other volume of the build's pair
 
     @property
     def id(self) -> str:
@@ -577,6 +579,8 @@ class EbsVolume(Volume):
         if att is None:
             self._device_name = None
             return False
+        if att["State"] == "detaching" and not force:
+            return True  # asked already (by a partner's release): just wait
         self.ctx.api.call(
             "detach_volume",
             VolumeId=self.volume_id,
@@ -631,7 +635,15 @@ class EbsVolume(Volume):
         self._wiped = True
 
     def release(self) -> None:
-        """Detach (and delete what we own); a supplied volume still attached here is wiped first."""
+        """Detach (and delete what we own); a supplied volume still attached here is wiped first.
+
+        The partner volume of the pair (root for swap and the other way round), when it is owned
+        and attached here too, is asked to detach at the same time, so its detach runs while this
+        one's is waited for (the orchestrator releases the volumes one after the other)."""
+        partner = self.partner
+        if self.owned and partner is not None and partner.owned and partner._id is not None:
+            with contextlib.suppress(InfraError):
+                partner._request_detach(force=False)
         if not self.owned and self._id is not None:
             att = self._attachment(self.describe())
             if att is not None and att.get("InstanceId") == self.ctx.identity.instance_id:
@@ -641,15 +653,21 @@ class EbsVolume(Volume):
         super().release()
 
 
-def attach_all(volumes: Sequence[EbsVolume], host: str) -> None:
+def attach_all(
+    volumes: Sequence[EbsVolume], host: str, *, meanwhile: Callable[[], object] | None = None
+) -> None:
     """Attach volumes to another machine (the builder): every request first, then the waits, so
-    the attachments progress together. A volume that flips back gets one more attach of its own."""
+    the attachments progress together; `meanwhile` runs between the requests and the waits (a
+    pool builder is started while its volumes attach: its boot hook waits for them anyway).
+    A volume that flips back gets one more attach of its own."""
     requested: list[EbsVolume] = []
     for volume in volumes:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._prepare_attach(host):
                 volume._request_attach(host)
                 requested.append(volume)
+    if meanwhile is not None:
+        meanwhile()
     for volume in requested:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._wait_attached(host):
@@ -852,6 +870,7 @@ class Ec2Backend(Backend):
             )
             for role, size in ((Role.ROOT, o.disk_size), (Role.SWAP, o.swap_size))
         ]
+        created[0].partner, created[1].partner = created[1], created[0]
         self.pair = VolumePair(created[0], created[1])
         return self.pair
 
@@ -971,9 +990,15 @@ class Ec2Backend(Backend):
         self.builder = builder
         with bound(builder=builder, pool=self._builder_from_pool):
             if self._builder_from_pool:
-                # stopped: attach first, then start; the hook finds the volumes at boot
-                attach_all([root, swap], builder)
-                self.api.must("start_instances", InstanceIds=[builder], eventual=("IncorrectState",))
+                # stopped: ask for the attachments, start, then wait for them; the hook finds the
+                # volumes by id when they appear
+                attach_all(
+                    [root, swap],
+                    builder,
+                    meanwhile=lambda: self.api.must(
+                        "start_instances", InstanceIds=[builder], eventual=("IncorrectState",)
+                    ),
+                )
             else:
                 # a new instance boots at once; attach as soon as EC2 accepts it (pending -> running),
                 # the hook waits for the volumes to appear
