@@ -58,7 +58,6 @@ class Timeouts:
     detach: float = 300.0  # detaching -> available
     device: float = 60.0  # in-use -> device node on this worker
     delete: float = 600.0  # volume or server gone
-    server_build: float = 1800.0  # BUILD -> ACTIVE (the builder boots within the build deadline too)
     poll: float = 2.0  # first poll interval of a state wait
     poll_max: float = 10.0  # interval cap of a state wait
     console: float = 5.0  # console poll interval while the build runs

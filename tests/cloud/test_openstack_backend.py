@@ -25,7 +25,7 @@ from cloudbuild.cloud.openstack_api import AttachHealth
 from cloudbuild.commands.kill import KILL_MARKER, kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
-from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT
+from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
 from tests.cloud.openstack_emulation import Emulation, Sink, Steps, make_backend, scripted_guest
 from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
@@ -524,3 +524,19 @@ def test_builder_gone_after_a_kill_marker_is_a_kill_not_a_crash(emu: Emulation, 
         release.set()
     (outcome,) = results
     assert outcome.exit_code == ExitCode.BUILD_FAILED, outcome.message
+
+
+def test_volume_states_follow_cinder(emu: Emulation, tmp_path: Path) -> None:
+    backend = backend_for(emu, tmp_path)
+    backend.verify()
+    root = backend.volumes(BuildSlot("b1", 0, tmp_path)).root
+    assert root.state() == VolumeState.ABSENT and root.id == "cloudbuild-b1-0-root"
+    root.create()
+    assert root.state() == VolumeState.AVAILABLE
+    device = root.attach()
+    assert device is not None and device == emu.image(root.id)
+    assert root.attach() == device  # idempotent
+    assert root.state() == VolumeState.ATTACHED
+    root.release()
+    root.release()  # idempotent
+    assert root.state() == VolumeState.ABSENT
