@@ -107,6 +107,7 @@ class CinderVolume(Volume):
         self._id: str | None = None
         self._wiped = False
         self._stuck_counted = False
+        self._attach_posted = False  # an attach request whose answer has not arrived yet
         self.log = log.bind(role=role.value)
 
     @property
@@ -275,16 +276,22 @@ class CinderVolume(Volume):
             return snap
         if snap.status == "in-use":
             # still held by a builder that is going away: its deletion frees the volume
-            snap = self._wait(
+            self._wait(
                 "free of other servers", t.detach, lambda s: s.status != "in-use" or server in s.attached_to
             )
+            snap = self._wait_settled("released by the other server", t.detach)
+            if snap.status == "in-use" and server in snap.attached_to:
+                self._ok()
+                return snap
         # obs-build re-attaches once when the volume flips back to available (Nova rolled back)
         for attempt in (1, 2):
             self.log.info("attaching volume", server=server, attempt=attempt)
-            self.api.call(
-                f"attach volume {volume_id} to server {server}",
-                lambda: self.api.conn.compute.create_volume_attachment(server, volume_id),
-            )
+            try:
+                self.api.call(
+                    f"attach volume {volume_id} to server {server}", lambda: self._post_attach(server)
+                )
+            finally:
+                self._attach_posted = False
             snap = self._wait_settled("attaching", t.attach)
             if snap.status == "in-use" and server in snap.attached_to:
                 self._ok()
@@ -293,6 +300,20 @@ class CinderVolume(Volume):
         raise InfraError(
             f"volume {volume_id} did not attach to server {server}: it went back to '{snap.status}' twice"
         )
+
+    def _post_attach(self, server: str) -> None:
+        """One attach request; when retried, first see whether the lost one already took effect."""
+        volume_id = str(self._id)
+        if self._attach_posted:
+            volume = self.api.conn.block_storage.get_volume(volume_id)
+            snap = Snapshot.of(volume, server)
+            if snap.status in ("attaching", "reserved") or (
+                snap.status == "in-use" and server in snap.attached_to
+            ):
+                return
+        self._attach_posted = True  # stays set when the request fails: its answer may be what was lost
+        self.api.conn.compute.create_volume_attachment(server, volume_id)
+        self._attach_posted = False
 
     def detach(self) -> None:
         if self._id is None:
