@@ -22,18 +22,14 @@ Where things are (the contract with the host side, `cloudbuild/buildroot/stage.p
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import os
 import pathlib
-import platform
 import stat
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 from cloudbuild.disk import buildstatus
 from cloudbuild.guest import stats, sysops
@@ -48,16 +44,23 @@ WATCHDOG_END = "### WATCHDOG MARKER END ###"
 RECIPE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass
 class Config:
-    root_device: str | None = None  # mount this ... (VM / builder)
-    root_dir: str | None = None  # ... or use this folder as it is (container, chroot)
-    fstype: str | None = None
-    mount_options: str = ""
-    swap: str | None = None  # overrides build.data's VM_SWAP
-    container: bool = False  # never power off or touch sysrq; the exit code is the status
-    poweroff: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
+    """What the agent works on (a plain class: `dataclasses` costs a second of TCG at start-up)."""
+
+    def __init__(
+        self,
+        root_device: str | None = None,
+        fstype: str | None = None,
+        mount_options: str = "",
+        swap: str | None = None,
+    ):
+        self.root_device = root_device  # mount this ... (VM / builder)
+        self.root_dir: str | None = None  # ... or use this folder as it is (container, chroot)
+        self.fstype = fstype
+        self.mount_options = mount_options
+        self.swap = swap  # overrides build.data's VM_SWAP
+        self.container = False  # never power off or touch sysrq; the exit code is the status
+        self.poweroff = True
 
 
 def kernel_cmdline() -> dict[str, str]:
@@ -215,6 +218,8 @@ class Agent:
             say(f"cloudbuild agent: {exc}")
             status = 3
         except Exception:
+            import traceback  # only now: every import costs at start-up under TCG
+
             say("cloudbuild agent: internal error")
             traceback.print_exc(file=sys.stdout)
             sys.stdout.flush()
@@ -235,7 +240,7 @@ class Agent:
         if self.watchdog:
             say(WATCHDOG_END)
         say("2nd stage started in virtual machine")
-        say(f"machine type: {platform.machine()}")
+        say(f"machine type: {os.uname().machine}")
         self.swap = config.swap or _value(self.data, "VM_SWAP") or None
         if self.swap and not config.container:
             self.swap_on = sysops.setup_swap(self.swap)
@@ -300,6 +305,7 @@ class Agent:
             if not sysops.umount(target):
                 sysops.umount(target, lazy=True)
         self.api_mounts = []
+        say("... build processes stopped")
 
     def wrapup(self) -> None:
         """vm_wrapup_build: _statistics, swapoff, the manifest of the results on swap."""
@@ -310,6 +316,7 @@ class Agent:
         if os.path.realpath(topdir) != topdir or not os.path.isdir(topdir):
             raise AgentError(f"{os.path.dirname(results)} is not a folder of the build root")
         self.save_statistics(os.path.join(topdir, STATISTICS_NAME))
+        say("... statistics saved")
         if not self.swap:
             say("no swap device: the results stay in the build root")
             return
@@ -380,12 +387,15 @@ def _remove_planted(path: str) -> None:
     """Remove whatever the build left where the agent writes (it could be a symlink out of the root)."""
     if os.path.isdir(path) and not os.path.islink(path):
         raise AgentError(f"{path} is a folder")
-    with contextlib.suppress(FileNotFoundError):
+    if os.path.lexists(path):
         os.unlink(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv, kernel_cmdline())
+    cmdline = kernel_cmdline()
+    sysops.TIMING = cmdline.get("cloudbuild.timing") == "1"
+    config = parse_args(sys.argv[1:] if argv is None else argv, cmdline)
+    say("cloudbuild agent started")
     return Agent(config).run()
 
 

@@ -7,7 +7,6 @@ STDLIB ONLY (runs in the build machine).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -87,10 +86,12 @@ class Peaks:
 
     def _store(self, name: str, value: int) -> None:
         path = os.path.join(self.statedir, name)
-        with contextlib.suppress(OSError):
+        try:
             with open(path + ".new", "w", encoding="ascii") as f:
                 f.write(str(value))
             os.replace(path + ".new", path)
+        except OSError:
+            pass
 
     def load(self) -> None:
         """Fold in what the monitor process stored."""
@@ -127,10 +128,11 @@ class Monitor:
 
     def stop(self) -> Peaks:
         if self.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
+            try:
                 os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass  # already gone (PID 1 killed and reaped it with the build's leftovers)
             self.pid = None
         self.peaks.load()
         self.peaks.sample(self.root)

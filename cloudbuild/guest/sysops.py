@@ -21,8 +21,17 @@ class AgentError(Exception):
     """An infrastructure step inside the build machine failed (reported as BUILDSTATUS3)."""
 
 
+TIMING = False  # `cloudbuild.timing=1` on the kernel command line: uptime before each line
+
+
 def say(message: str) -> None:
     """One line on the console (which the host streams into the build log)."""
+    if TIMING:
+        try:
+            with open("/proc/uptime", encoding="ascii") as f:
+                message = f"[{f.read().split()[0]:>9}] {message}"
+        except OSError:
+            pass
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
 
