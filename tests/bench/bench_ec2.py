@@ -173,10 +173,13 @@ def moto_world() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def recording(ec2: Any) -> Iterator[Recording]:
-    import cloudbuild.cloud.ec2 as ec2_module
+    import cloudbuild.cloud.ec2 as ec2_backend
+    import cloudbuild.cloud.ec2_gc as ec2_gc
+    import cloudbuild.cloud.ec2_volume as ec2_volume
 
+    modules = (ec2_backend, ec2_volume, ec2_gc)
     rec = Recording()
-    real_wait_for: Callable[..., Any] = ec2_module.wait_for
+    real_wait_for: Callable[..., Any] = ec2_backend.wait_for
 
     def on_call(model: Any, **kwargs: Any) -> None:
         rec.call(model.name)
@@ -186,11 +189,13 @@ def recording(ec2: Any) -> Iterator[Recording]:
         return real_wait_for(probe, what=what, **kwargs)
 
     ec2.meta.events.register("before-call.ec2", on_call)
-    ec2_module.wait_for = wait_for  # type: ignore[assignment]
+    for module in modules:
+        module.wait_for = wait_for  # type: ignore[attr-defined]
     try:
         yield rec
     finally:
-        ec2_module.wait_for = real_wait_for  # type: ignore[assignment]
+        for module in modules:
+            module.wait_for = real_wait_for  # type: ignore[attr-defined]
         ec2.meta.events.unregister("before-call.ec2", on_call)
 
 
