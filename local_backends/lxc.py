@@ -42,6 +42,12 @@ def _escape(path: Path) -> str:
     return text
 
 
+def _cgroup_v2_only() -> bool:
+    """A unified (v2) hierarchy without the v1 memory controller: LXC wants lxc.cgroup2.* keys there."""
+    root = Path("/sys/fs/cgroup")
+    return (root / "cgroup.controllers").exists() and not (root / "memory").is_dir()
+
+
 def container_config(
     *, name: str, tree: Path, buildroot: Path, status_dir: Path, memory_mib: int | None
 ) -> str:
@@ -70,7 +76,10 @@ def container_config(
         f"lxc.init.cmd = {AGENT_CMD}",
     ]
     if memory_mib:
-        lines.append(f"lxc.cgroup.memory.limit_in_bytes = {memory_mib}M")
+        if _cgroup_v2_only():
+            lines.append(f"lxc.cgroup2.memory.max = {memory_mib}M")
+        else:
+            lines.append(f"lxc.cgroup.memory.limit_in_bytes = {memory_mib}M")
     return "\n".join(lines) + "\n"
 
 

@@ -56,7 +56,7 @@ def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache:
         "if echo h > /proc/sysrq-trigger 2>/dev/null; then echo sysrq writable; exit 9; fi\n"
         "echo built in $(pwd)\n",
     )
-    proc = cli_build(tmp_path, cache, VM, rootfs, script)
+    proc = cli_build(tmp_path, cache, VM, rootfs, script, "--vm-memory", "256")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(tmp_path / "out") == {
         "RPMS": "d",
