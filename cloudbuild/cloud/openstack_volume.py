@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import openstack.exceptions as os_exc
 
 from cloudbuild.cloud.openstack_api import Api, AttachHealth
 from cloudbuild.disk.image import device_size, is_block_device
@@ -301,6 +303,28 @@ class CinderVolume(Volume):
             f"volume {volume_id} did not attach to server {server}: it went back to '{snap.status}' twice"
         )
 
+    def _once(
+        self, request: Callable[[], object], *, done: Callable[[Snapshot | None], bool]
+    ) -> Callable[[], None]:
+        """`request` for `Api.call`: when retried, first look whether the lost try already took effect."""
+        tried = False
+
+        def attempt() -> None:
+            nonlocal tried
+            if tried:
+                try:
+                    current: Snapshot | None = Snapshot.of(
+                        self.api.conn.block_storage.get_volume(str(self._id)), self.worker
+                    )
+                except os_exc.NotFoundException:
+                    current = None
+                if done(current):
+                    return
+            tried = True
+            request()
+
+        return attempt
+
     def _post_attach(self, server: str) -> None:
         """One attach request; when retried, first see whether the lost one already took effect."""
         volume_id = str(self._id)
@@ -331,8 +355,13 @@ class CinderVolume(Volume):
             self.log.info("detaching volume", server=server)
             self.api.find(
                 f"detach volume {volume_id} from server {server}",
-                lambda server=server: self.api.conn.compute.delete_volume_attachment(  # type: ignore[misc]
-                    server, volume_id, ignore_missing=False
+                self._once(
+                    lambda server=server: self.api.conn.compute.delete_volume_attachment(  # type: ignore[misc]
+                        server, volume_id, ignore_missing=False
+                    ),
+                    done=lambda s, server=server: (
+                        s is None or s.status != "in-use" or server not in s.attached_to
+                    ),  # type: ignore[misc]
                 ),
             )
         try:
@@ -353,7 +382,10 @@ class CinderVolume(Volume):
         self.log.info("deleting volume")
         self.api.find(
             f"delete volume {volume_id}",
-            lambda: self.api.conn.block_storage.delete_volume(volume_id, ignore_missing=False),
+            self._once(
+                lambda: self.api.conn.block_storage.delete_volume(volume_id, ignore_missing=False),
+                done=lambda s: s is None or s.status == "deleting",
+            ),
         )
         t = self.api.timeouts
 
