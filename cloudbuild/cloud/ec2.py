@@ -61,6 +61,7 @@ from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, Role, VolumePair
+from cloudbuild.watchdog import Watchdog, watchdog_timeout
 
 __all__ = [
     "CAPACITY",
@@ -370,7 +371,18 @@ class Ec2Backend(Backend):
                 attach_all([root, swap], builder)
             log.info("builder started", seconds=round(time.monotonic() - started, 3))
             remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
-            result = self._stream_until_stopped(console, remaining)
+            watchdog = Watchdog(
+                console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
+            )
+            watchdog.open()
+            try:
+                result = self._stream_until_stopped(watchdog, remaining)
+            finally:
+                watchdog.close()
+            if watchdog.fired:
+                return BootResult(
+                    ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s"
+                )
             if result is not None:
                 return result
             detach_all([root, swap])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.cloud.common import TAG_POOL
 from cloudbuild.cloud.ec2 import Ec2Limits
@@ -187,3 +189,29 @@ def test_backend_is_registered_as_ec2() -> None:
     from cloudbuild.cloud.ec2 import Ec2Backend
 
     assert backend_class("ec2") is Ec2Backend and Ec2Backend.channel == "swap"
+
+
+def test_watchdog_marker_left_open_kills_the_builder_exit_3(
+    ec2_world: Ec2World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDBUILD_WATCHDOG_TIMEOUT", "0.3")
+    release = threading.Event()
+
+    def hang_in_boot(run: BuilderRun) -> None:
+        run.console(b"[    0.000000] Linux version 6.1 (builder)\n")  # ... and never reaches the 2nd stage
+        run.outcome = "hang"
+        release.wait(10)
+
+    ec2_world.emulator.play = hang_in_boot
+    console = ListConsole()
+    try:
+        outcome = run_build(job(ec2_world), ec2_world.backend(watchdog=True), FakeHostSteps(), console)
+    finally:
+        release.set()
+    assert outcome.exit_code == ExitCode.INFRA and "watchdog" in outcome.message
+    assert b"### WATCHDOG TRIGGERED, KILLING VM ###" in console.text
+    builder = ec2_world.emulator.runs[0].instance_id
+    state = ec2_world.ec2.describe_instances(InstanceIds=[builder])["Reservations"][0]["Instances"][0][
+        "State"
+    ]
+    assert state["Name"] == "terminated"
