@@ -196,3 +196,15 @@ def test_cloudbuild_kill_marks_the_swap_and_kills_the_emulator(emu: EmuEnv, root
     assert outcome.exit_code == ExitCode.BUILD_FAILED, outcome.message
     assert not (emu.tmp / "out").exists()
     assert not (emu.tmp / "work" / "swap.img").exists()  # cleaned up
+
+
+def test_cloudbuild_build_command_runs_the_emulator(emu: EmuEnv, rootfs: Path) -> None:
+    from tests.vm.localbuild import cli_build
+
+    script = recipe(emu.tmp / "src", "true\n")
+    proc = cli_build(
+        emu.tmp, emu.tmp / "cache", "emulator", rootfs, script,
+        "--emulator-script", "emulator.sh", "--vm-disk-size", "64",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert tree(emu.tmp / "out") == EXPECTED

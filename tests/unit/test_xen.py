@@ -242,3 +242,18 @@ def test_block_devices_are_handed_over_as_phy(xen_env: XenEnv, rootfs: Path) -> 
         assert os.path.exists(loop)  # a block device is never deleted
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+def test_cloudbuild_build_and_kill_commands_drive_the_fake(xen_env: XenEnv, rootfs: Path) -> None:
+    from tests.vm.localbuild import cli_build, cli_kill
+
+    xen_env.update(guest={"status": 0, "files": {"results/cli.txt": "via the command\n"}})
+    script = recipe(xen_env.tmp / "src", "true\n")
+    proc = cli_build(
+        xen_env.tmp, xen_env.tmp / "cache", "xen", rootfs, script,
+        "--vm-kernel", str(xen_env.kernel), "--vm-initrd", str(xen_env.initrd),
+        "--vm-disk-size", "64", "--vm-swap-size", "16", "--build-id", "cli1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (xen_env.tmp / "out" / "cli.txt").read_text() == "via the command\n"
+    assert cli_kill(xen_env.tmp, xen_env.tmp / "cache", "xen", "cli1").returncode == 0  # nothing running
