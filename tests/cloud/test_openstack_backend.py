@@ -8,6 +8,8 @@ may be left in the cloud.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import os
 import re
 import threading
@@ -21,13 +23,14 @@ import pytest
 import cloudbuild.retry
 from cloudbuild.backend import BuildSlot
 from cloudbuild.build import BuildJob, run_build
-from cloudbuild.cloud.openstack import OpenStackBackend
+from cloudbuild.cloud.common import sweep, utcnow
+from cloudbuild.cloud.openstack import OpenStackBackend, gc_adapter
 from cloudbuild.cloud.openstack_api import AttachHealth
 from cloudbuild.commands.kill import KILL_MARKER, kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.cloud.openstack_emulation import Emulation, Sink, Steps, make_backend, scripted_guest
+from tests.cloud.openstack_emulation import FAST, Emulation, Sink, Steps, make_backend, scripted_guest
 from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
 
@@ -550,3 +553,26 @@ def test_volume_states_follow_cinder(emu: Emulation, tmp_path: Path) -> None:
     root.release()
     root.release()  # idempotent
     assert root.state() == VolumeState.ABSENT
+
+
+def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+) -> None:
+    def guest(server_id: str, disks: list[Path], e: Emulation) -> str | None:
+        e.fake.stick_server(server_id, "deleting")
+        return scripted_guest(0)(server_id, disks, e)
+
+    emu.guest = guest
+    timeouts = dataclasses.replace(FAST, delete=1)
+    backend = make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", timeouts=timeouts)
+    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+    assert outcome.exit_code == ExitCode.INFRA
+    assert "deleted" in outcome.message
+    left = emu.tagged()
+    assert len(left["servers"]) == 1  # still deleting: the volumes it holds could not be deleted either
+    openstack_fake.release_server(left["servers"][0])
+    adapter = gc_adapter(api=backend.api)
+    later = utcnow() + dt.timedelta(days=2)
+    sweep(adapter, min_age=0, now=later)
+    report = sweep(adapter, min_age=0, now=later)
+    assert report.ok, report.failed
