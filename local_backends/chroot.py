@@ -23,6 +23,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +33,7 @@ from cloudbuild.log import get_logger
 from cloudbuild.options import NO_VM, VmOptions
 from cloudbuild.runner import run, terminate, which
 from cloudbuild.volume import VolumePair
+from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends import agentroot, vmproc
 from local_backends.dirvolume import DirectoryVolume
 
@@ -78,6 +80,25 @@ class DirectoryBackend(Backend):
         assert self.workdir is not None
         vmproc.clear_killed(self.workdir)
         return folder
+
+    def run_watched(
+        self,
+        argv: list[str],
+        console: Console,
+        *,
+        timeout: float | None,
+        stop: Callable[[], None] | None = None,
+    ) -> BootResult:
+        """Run the container/sandbox with the console watchdog (`--vm-watchdog`) around it."""
+        watchdog = Watchdog(
+            console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
+        )
+        watchdog.open()
+        exit_ = vmproc.run_machine(argv, watchdog, timeout=timeout, started=self._procs, stop=stop)
+        watchdog.close()
+        if watchdog.fired:
+            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
+        return self.result(exit_)
 
     def result(self, exit_: vmproc.ProcessExit) -> BootResult:
         if vmproc.was_killed(self.workdir):
@@ -151,8 +172,7 @@ class ChrootBackend(DirectoryBackend):
             str(status_dir),
         ]
         console.write(b"running the build in a chroot...\n")
-        exit_ = vmproc.run_machine(argv, console, timeout=timeout, started=self._procs)
-        return self.result(exit_)
+        return self.run_watched(argv, console, timeout=timeout)
 
     def kill(self) -> None:
         self.mark_killed()

@@ -24,7 +24,7 @@ from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.runner import run, terminate, which
 from cloudbuild.volume import VolumePair
-from local_backends import agentroot, vmproc
+from local_backends import agentroot
 from local_backends.chroot import DirectoryBackend, check_mount_target
 
 log = get_logger(__name__)
@@ -126,10 +126,7 @@ class LxcBackend(DirectoryBackend):
         argv = ["lxc-start", "-n", name, "-P", str(self.lxcpath), "-f", str(config), "-F"]
         argv += ["-o", str(self.workdir / "lxc.log"), "-l", "WARN"] if self.workdir else []
         console.write(b"starting lxc container...\n")
-        exit_ = vmproc.run_machine(
-            argv, console, timeout=timeout, started=self._procs, stop=lambda: self._stop(name)
-        )
-        return self.result(exit_)
+        return self.run_watched(argv, console, timeout=timeout, stop=lambda: self._stop(name))
 
     def _stop(self, name: str) -> None:
         if self.workdir is None or not self.lxcpath.is_dir():

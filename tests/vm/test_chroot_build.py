@@ -131,3 +131,13 @@ def test_chroot_is_reachable_as_vm_type_chroot_too(tmp_path: Path, rootfs: Path,
     proc = cli_build(tmp_path, cache, "chroot", rootfs, script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "ok").read_text() == "ok\n"
+
+
+def test_the_watchdog_stops_a_build_that_hangs_in_a_marked_section(
+    tmp_path: Path, rootfs: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDBUILD_WATCHDOG_TIMEOUT", "2")
+    script = recipe(tmp_path / "src", "echo '### WATCHDOG MARKER START ###'\nsleep 1000\n")
+    proc = cli_build(tmp_path, cache, VM, rootfs, script, "--vm-watchdog")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "WATCHDOG TRIGGERED" in (tmp_path / "out.log").read_text()
