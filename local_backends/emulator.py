@@ -34,6 +34,7 @@ from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run, terminate, which
 from cloudbuild.volume import Role, VolumePair
+from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends import e2manifest
 from local_backends.localvolume import LocalVolume, local_volumes
 from local_backends.vmproc import clear_killed, fuser_kill, run_machine, was_killed
@@ -138,9 +139,16 @@ class EmulatorBackend(Backend):
         argv = [str(script_path(self.options)), str(root), str(swap) if swap else ""]
         self._killed = False
         console.write(f"booting emulator {argv[0]}...\n".encode())
-        exit_ = run_machine(
-            argv, console, timeout=timeout, cwd=folder if folder.is_dir() else None, started=self._procs
+        watchdog = Watchdog(
+            console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
         )
+        watchdog.open()
+        exit_ = run_machine(
+            argv, watchdog, timeout=timeout, cwd=folder if folder.is_dir() else None, started=self._procs
+        )
+        watchdog.close()
+        if watchdog.fired:
+            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
         if exit_.timed_out:
             self.kill()
             return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
