@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import ClassVar
 
 from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.disk.image import is_block_device
@@ -33,6 +33,7 @@ from cloudbuild.options import VmOptions
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import CommandError, run, spawn, terminate, which
 from cloudbuild.volume import Role, Volume, VolumePair, VolumeState
+from local_backends.vmproc import pump
 
 log = get_logger(__name__)
 
@@ -381,7 +382,7 @@ class ZvmBackend(Backend):
         proc = spawn(["iucvconn", worker, "lnxhvc0"])
         self._console = proc
         assert proc.stdout is not None
-        reader = threading.Thread(target=_pump, args=(proc.stdout, console), daemon=True)
+        reader = threading.Thread(target=pump, args=(proc.stdout, console), daemon=True)
         reader.start()
         try:
             proc.wait(timeout=timeout)
@@ -407,11 +408,3 @@ class ZvmBackend(Backend):
         if self._console is not None:
             terminate(self._console)
             self._console = None
-
-
-def _pump(stream: IO[bytes], console: Console) -> None:
-    while True:
-        data = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-        if not data:
-            return
-        console.write(data)
