@@ -73,6 +73,7 @@ class OpenStackBackend(Backend):
     ):
         super().__init__(options)
         self._api = api
+        self._own_api = api is None
         self._timeouts = timeouts
         self.dev_root = dev_root
         self.state_dir = state_dir
@@ -257,6 +258,9 @@ class OpenStackBackend(Backend):
     def cleanup(self) -> None:
         if self.builder is not None:
             self.builder.delete()
+        if self._own_api and self._api is not None:
+            self._api.close()  # a later call (kill, another build) connects again
+            self._api = None
 
 
 class OpenStackGc:
