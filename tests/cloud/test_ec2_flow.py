@@ -23,6 +23,7 @@ from tests.fakes.moto_server import (  # noqa: F401 - fixtures
     ec2_leftovers_fixture,
     ec2_world_fixture,
     fake_build,
+    moto_backend,
     moto_server_fixture,
 )
 
@@ -215,3 +216,21 @@ def test_watchdog_marker_left_open_kills_the_builder_exit_3(
         "State"
     ]
     assert state["Name"] == "terminated"
+
+
+def test_builder_stuck_pending_is_exit_3_and_terminated(ec2_world: Ec2World) -> None:
+    faults = Faults(ec2_world.ec2)
+    builders: list[str] = []
+
+    def stuck(parsed: dict[str, object]) -> None:
+        instance_id = parsed["Instances"][0]["InstanceId"]  # type: ignore[index]
+        builders.append(instance_id)
+        moto_backend().get_instance(instance_id)._state.name = "pending"
+
+    faults.after("RunInstances", stuck)
+    limits = Ec2Limits(**{**FAST.__dict__, "running": 0.3})
+    outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.INFRA and "the builder to run" in outcome.message
+    state = ec2_world.ec2.describe_instances(InstanceIds=builders)["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] == "terminated"
+    assert faults.count("AttachVolume") == 2  # only the two attaches here, none to the builder
