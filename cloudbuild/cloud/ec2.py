@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import time
+import uuid
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,7 @@ class Ec2Backend(Backend):
         self._slot: BuildSlot | None = None
         self._build_lock: int | None = None
         self.pair: VolumePair | None = None
+        self._nonce = uuid.uuid4().hex[:12]
 
     @property
     def ctx(self) -> Ec2Context:
@@ -214,7 +216,10 @@ class Ec2Backend(Backend):
         self._slot = slot
         if self._build_lock is None:
             # held until cleanup(): `cloudbuild gc` on this worker sweeps a build whose process died
-            self._build_lock = self.ctx.build_locks.acquire(slot.build_id)
+            try:
+                self._build_lock = self.ctx.build_locks.acquire(slot.build_id)
+            except BlockingIOError:
+                raise UsageError(f"build {slot.build_id} is running on this worker already") from None
         if o.vm_volume_root:
             self.pair = VolumePair(
                 EbsVolume(self.ctx, Role.ROOT, o.disk_size, volume_id=o.vm_volume_root, owned=False),
@@ -227,7 +232,7 @@ class Ec2Backend(Backend):
                 role,
                 size,
                 tags=self._tags(slot, role.value),
-                client_token=f"cloudbuild-{slot.build_id}-{role.value}",
+                client_token=f"cloudbuild-{self._nonce}-{role.value}",
             )
             for role, size in ((Role.ROOT, o.disk_size), (Role.SWAP, o.swap_size))
         ]
@@ -323,7 +328,8 @@ class Ec2Backend(Backend):
             "TagSpecifications": [
                 {"ResourceType": "instance", "Tags": ec2_tags(self._tags(slot, "builder", extra))}
             ],
-            "ClientToken": f"cloudbuild-{slot.build_id}-builder",
+            # idempotent across retries of this call, not across builds that reuse a build id
+            "ClientToken": f"cloudbuild-{self._nonce}-builder",  # at most 64 characters
         }
         if o.ec2_subnet:
             params["SubnetId"] = o.ec2_subnet
