@@ -3,6 +3,9 @@
 
     /work/venv/bin/python tests/bench/bench_roundtrip.py [--rounds 5] [--no-others]
 
+fakemachine's uml backend needs libslirp-helper and /lib/systemd/systemd-resolved; virtme-ng is
+looked up as `vng` on PATH or $VNG (pip install virtme-ng; it needs virtme-run on PATH too).
+
 Phases (medians over the rounds, seconds):
   initramfs  verify: kernel + initramfs from the cache (the cold build is timed once, apart)
   image      volumes + prepare: create the images, mkfs, copy the build root, stage /.build
@@ -27,21 +30,27 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cloudbuild import log as cblog  # noqa: E402
-from cloudbuild.backend import create_backend  # noqa: E402
-from cloudbuild.build import BuildJob, run_build  # noqa: E402
-from cloudbuild.buildroot.hoststeps import DiskHostSteps  # noqa: E402
-from cloudbuild.commands.rootfs import busybox_rootfs  # noqa: E402
-from cloudbuild.options import parse, resolve_paths  # noqa: E402
+from cloudbuild import log as cblog
+from cloudbuild.backend import create_backend
+from cloudbuild.build import BuildJob, run_build
+from cloudbuild.buildroot.hoststeps import DiskHostSteps
+from cloudbuild.commands.rootfs import busybox_rootfs
+from cloudbuild.options import parse, resolve_paths
+from local_backends.kernel import host_kernel
 
 
 class TimedConsole:
     """Keeps the console and the time each marker line arrived."""
 
-    MARKS = {"booting": b"booting qemu", "running": b"running /.build-srcdir", "exited": b"exited "}
+    MARKS: ClassVar[dict[str, bytes]] = {
+        "booting": b"booting qemu",
+        "running": b"running /.build-srcdir",
+        "exited": b"exited ",
+    }
 
     def __init__(self) -> None:
         self.data = b""
@@ -99,7 +108,8 @@ def timed(argv: list[str], *, cwd: Path | None = None, timeout: float = 300) -> 
         print(f"  {argv[0]}: {exc}")
         return None
     if proc.returncode != 0:
-        print(f"  {' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-300:]}")
+        output = (proc.stdout + proc.stderr).decode(errors="replace")[-300:]
+        print(f"  {' '.join(argv)} exited {proc.returncode}: {output}")
         return None
     return time.monotonic() - started
 
@@ -144,9 +154,11 @@ def main() -> int:
             results["fakemachine -b uml"] = statistics.median(ok) if ok else None
         else:
             print("  fakemachine: not installed")
-        vng = shutil.which("vng") or shutil.which("virtme-ng")
+        vng = os.environ.get("VNG") or shutil.which("vng")
         if vng:
-            runs = [timed([vng, "--run", "--disable-kvm", "--", "true"]) for _ in range(args.rounds)]
+            # the host kernel under TCG, as ours (virtme-ng boots the host's root over virtiofs/9p)
+            kernel = str(host_kernel())
+            runs = [timed([vng, "--run", kernel, "--disable-kvm", "--", "true"]) for _ in range(args.rounds)]
             ok = [r for r in runs if r is not None]
             results["virtme-ng (TCG)"] = statistics.median(ok) if ok else None
         else:
@@ -155,7 +167,9 @@ def main() -> int:
             if value is None:
                 print(f"  {name}: did not run here")
             else:
-                print(f"  {name}: {value:.2f} s median = {value / medians['total']:.1f}x cloudbuild's round trip")
+                print(
+                    f"  {name}: {value:.2f} s median = {value / medians['total']:.1f}x cloudbuild's round trip"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
