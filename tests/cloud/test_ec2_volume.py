@@ -305,3 +305,18 @@ def test_supplied_volume_in_another_zone_is_a_usage_error(ec2_world: Ec2World):
         root.create()
     assert getattr(info.value, "exit_code", None) == ExitCode.BUILD_FAILED and "us-east-1b" in str(info.value)
     ec2_world.ec2.delete_volume(VolumeId=vid)
+
+
+def test_releasing_one_volume_starts_the_partners_detach(ec2_world: Ec2World):
+    root, swap = pair(ec2_world)
+    root.create()
+    swap.create()
+    root.attach()
+    swap.attach()
+    faults = Faults(ec2_world.ec2)
+    root.release()
+    detached = [p["VolumeId"] for op, p in faults.params if op == "DetachVolume"]
+    assert detached == [swap.id, root.id]  # the swap's detach was asked for first, not waited for
+    assert root.state() == VolumeState.ABSENT
+    swap.release()
+    assert swap.state() == VolumeState.ABSENT
