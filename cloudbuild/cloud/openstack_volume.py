@@ -109,7 +109,6 @@ class CinderVolume(Volume):
         self._id: str | None = None
         self._wiped = False
         self._stuck_counted = False
-        self._attach_posted = False  # an attach request whose answer has not arrived yet
         self.log = log.bind(role=role.value)
 
     @property
@@ -134,11 +133,6 @@ class CinderVolume(Volume):
     def _ok(self) -> None:
         if self.health is not None:
             self.health.ok()
-
-    @property
-    def known(self) -> bool:
-        """True once the volume exists in the cloud (created or found)."""
-        return self._id is not None
 
     # -- reading -------------------------------------------------------------------------------
     def _get(self) -> Snapshot | None:
@@ -288,12 +282,19 @@ class CinderVolume(Volume):
         # obs-build re-attaches once when the volume flips back to available (Nova rolled back)
         for attempt in (1, 2):
             self.log.info("attaching volume", server=server, attempt=attempt)
-            try:
-                self.api.call(
-                    f"attach volume {volume_id} to server {server}", lambda: self._post_attach(server)
-                )
-            finally:
-                self._attach_posted = False
+            self.api.call(
+                f"attach volume {volume_id} to server {server}",
+                self._once(
+                    lambda: self.api.conn.compute.create_volume_attachment(server, volume_id),
+                    done=lambda s: (
+                        s is not None
+                        and (
+                            s.status in ("attaching", "reserved")
+                            or (s.status == "in-use" and server in s.attached_to)
+                        )
+                    ),
+                ),
+            )
             snap = self._wait_settled("attaching", t.attach)
             if snap.status == "in-use" and server in snap.attached_to:
                 self._ok()
@@ -324,20 +325,6 @@ class CinderVolume(Volume):
             request()
 
         return attempt
-
-    def _post_attach(self, server: str) -> None:
-        """One attach request; when retried, first see whether the lost one already took effect."""
-        volume_id = str(self._id)
-        if self._attach_posted:
-            volume = self.api.conn.block_storage.get_volume(volume_id)
-            snap = Snapshot.of(volume, server)
-            if snap.status in ("attaching", "reserved") or (
-                snap.status == "in-use" and server in snap.attached_to
-            ):
-                return
-        self._attach_posted = True  # stays set when the request fails: its answer may be what was lost
-        self.api.conn.compute.create_volume_attachment(server, volume_id)
-        self._attach_posted = False
 
     def detach(self) -> None:
         if self._id is None:
