@@ -136,7 +136,6 @@ class Ec2Api:
 
     def __init__(self, client: Any):
         self.client = client
-        self.calls: list[str] = []
 
     def call(
         self,
