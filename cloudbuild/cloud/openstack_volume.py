@@ -158,7 +158,7 @@ class CinderVolume(Volume):
             "detaching": VolumeState.DETACHING,
         }.get(snap.status, VolumeState.ERROR)
 
-    def _wait(self, what: str, timeout: float, done: Any) -> Snapshot:
+    def _wait(self, what: str, timeout: float, done: Callable[[Snapshot], bool]) -> Snapshot:
         """Poll the volume until `done(snapshot)` is true; a failed or vanished volume ends the wait."""
         t = self.api.timeouts
 

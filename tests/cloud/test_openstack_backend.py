@@ -576,3 +576,13 @@ def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
     sweep(adapter, min_age=0, now=later)
     report = sweep(adapter, min_age=0, now=later)
     assert report.ok, report.failed
+
+
+def test_volume_that_fails_to_create_is_exit_3_and_is_deleted(emu: Emulation, tmp_path: Path) -> None:
+    def broken(vol: FakeVolume) -> None:
+        vol.begin(lambda: vol.set_status("error"))  # the backend could not allocate it
+
+    emu.on_volume = broken
+    outcome, _ = build(emu, tmp_path)
+    assert outcome.exit_code == ExitCode.INFRA
+    assert "status 'error'" in outcome.message
