@@ -9,7 +9,8 @@ the first serial port (stdout of the process), streamed live into the build log.
 
 Kernel and initrd: `--vm-kernel`/`--vm-initrd`; else the ones the build root ships
 (`.build.kernel.qemu`, `.build.initrd.qemu`, copied out by `kernel_files()` before the root is
-unmounted); else the host's newest kernel. Without an initrd, cloudbuild builds its own from
+unmounted, with the modules our initramfs needs from the build root's /lib/modules when the host
+has none for that kernel); else the host's newest kernel. Without an initrd, cloudbuild builds its own from
 the kernel's modules (`local_backends/initramfs.py`): it starts the guest agent. A given initrd
 is booted as it is and must start the agent itself (`python3 -m cloudbuild.guest.agent`).
 
@@ -34,7 +35,7 @@ from cloudbuild.options import VmOptions
 from cloudbuild.runner import terminate, which
 from cloudbuild.volume import VolumePair
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
-from local_backends import initramfs
+from local_backends import initramfs, kmod
 from local_backends.kernel import bootable_kernel, host_kernel, kernel_release
 from local_backends.localvolume import LocalVolume, local_volumes
 from local_backends.vmproc import fuser_kill, run_machine
@@ -185,6 +186,7 @@ class QemuBackend(Backend):
         self.pair: VolumePair | None = None
         self.root_kernel: Path | None = None
         self.root_initrd: Path | None = None
+        self.root_modules: Path | None = None  # the build root kernel's modules, copied out
         self._procs: list[subprocess.Popen[bytes]] = []
         self._killed = False
         self._boot: tuple[Path, Path | None] | None = None
@@ -226,8 +228,26 @@ class QemuBackend(Backend):
         if initrd.is_file() and not initrd.is_symlink():
             shutil.copyfile(initrd, folder / "initrd")
             self.root_initrd = folder / "initrd"
+        elif not self.options.vm_initrd:
+            self._copy_root_modules(buildroot, kernel_release(self.root_kernel), folder / "modules")
         self._boot = None
         log.info("using the build root's kernel", kernel=str(kernel), initrd=str(self.root_initrd))
+
+    def _copy_root_modules(self, buildroot: Path, release: str, target: Path) -> None:
+        """Our initramfs for the build root's kernel needs that kernel's modules: copy the few it
+        loads (and modules.dep) out of the build root, unless the host has them."""
+        if (Path("/lib/modules") / release).is_dir():
+            return
+        source = buildroot / "lib/modules" / release
+        if not (source / "modules.dep").is_file() or source.is_symlink():
+            return  # boot_files() says what is missing
+        wanted = kmod.ModuleIndex.load(source).resolve(list(initramfs.module_list(self.options.filesystem)))
+        for name in ("modules.dep", "modules.builtin", *wanted):
+            path = source / name
+            if path.is_file() and not path.is_symlink():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target / name)
+        self.root_modules = target
 
     def boot_files(self) -> tuple[Path, Path | None]:
         """(kernel to pass to -kernel, initrd) following the precedence in the module docstring."""
@@ -241,6 +261,8 @@ class QemuBackend(Backend):
         else:
             release = kernel_release(kernel)
             modules = Path("/lib/modules") / release
+            if not modules.is_dir() and self.root_modules is not None and kernel == self.root_kernel:
+                modules = self.root_modules
             if not modules.is_dir():
                 raise HostBroken(
                     f"kernel {kernel} ({release}) has no modules in {modules}: install them, "

@@ -57,6 +57,10 @@ kernel/lib/crc16.ko:
 kernel/drivers/virtio/virtio_ring.ko:
 kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 """
 
 
@@ -164,3 +168,32 @@ def test_kvm_problem_names_kvm_pvm_and_missing_virtualisation(tmp_path: Path) ->
     (sysmod / "kvm_pvm").rmdir()
     cpuinfo.write_text("flags\t\t: fpu vme sse2\n")
     assert "vmx/svm" in (kvm_problem(dev=dev, sys_module=sysmod, cpuinfo=cpuinfo) or "")
+
+
+def test_build_root_kernel_boots_with_modules_copied_out_of_the_build_root(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from cloudbuild.backend import BuildSlot
+    from cloudbuild.options import VmOptions
+    from local_backends.qemu import QemuBackend
+
+    monkeypatch.setenv("CLOUDBUILD_CACHE_DIR", str(tmp_path / "cache"))
+    buildroot = tmp_path / "buildroot"
+    modules = fake_modules(buildroot)  # lib/modules/6.1.0-test inside the build root
+    (buildroot / ".build.kernel.qemu").write_bytes(fake_bzimage("6.1.0-test", b""))
+    backend = QemuBackend(VmOptions(vm_type="qemu"))
+    backend.volumes(BuildSlot("b", 0, tmp_path / "work"))
+    backend.kernel_files(buildroot)
+    assert backend.root_kernel is not None and backend.root_kernel.read_bytes()[0x202:0x206] == b"HdrS"
+    assert backend.root_modules is not None
+    assert (backend.root_modules / "kernel/fs/ext4/ext4.ko.xz").exists()
+    assert not (backend.root_modules / "kernel/drivers/virtio/virtio_mmio.ko").exists()
+    kernel_file, initrd = backend.boot_files()
+    assert kernel_file == backend.root_kernel  # no payload to extract: booted as it is
+    assert initrd is not None
+    packed = {name.split("-", 1)[1]: data for name, (_, data) in read_cpio(initrd.read_bytes()).items()
+              if name.startswith("lib/modules/")}  # fmt: skip
+    assert packed["ext4.ko"] == b"module ext4.ko.xz" and "virtio_pci.ko" in packed
+    assert modules.is_dir()
+    backend.cleanup()
+    assert not (tmp_path / "work" / "boot").exists()
