@@ -234,3 +234,35 @@ def test_builder_stuck_pending_is_exit_3_and_terminated(ec2_world: Ec2World) -> 
     state = ec2_world.ec2.describe_instances(InstanceIds=builders)["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] == "terminated"
     assert faults.count("AttachVolume") == 2  # only the two attaches here, none to the builder
+
+
+def test_two_slots_build_at_once_on_one_worker(ec2_world: Ec2World) -> None:
+    outcomes: dict[str, object] = {}
+
+    def build(build_id: str, slot: int) -> None:
+        slot_job = BuildJob(
+            build_id, ec2_world.tmp / f"dest-{build_id}", ec2_world.tmp / f"work-{build_id}", slot=slot
+        )
+        outcomes[build_id] = run_build(slot_job, ec2_world.backend(), FakeHostSteps(), ListConsole())
+
+    threads = [threading.Thread(target=build, args=(f"s{slot}", slot)) for slot in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for build_id in ("s0", "s1"):
+        outcome = outcomes[build_id]
+        assert getattr(outcome, "exit_code", None) == ExitCode.OK, getattr(outcome, "message", outcome)
+        result = (ec2_world.tmp / f"dest-{build_id}" / "result").read_bytes()
+        assert result.startswith(b"RESULT-OF-i-")
+    builders = {r.instance_id for r in ec2_world.emulator.runs}
+    assert len(builders) == 2  # each slot had its own builder and read back its own result
+    assert (ec2_world.tmp / "dest-s0" / "result").read_bytes() != (
+        ec2_world.tmp / "dest-s1" / "result"
+    ).read_bytes()
+
+
+def test_gc_through_the_cli_dispatcher(ec2_world: Ec2World) -> None:
+    from cloudbuild import cli
+
+    assert cli.main(["gc", "--vm-type", "ec2", "--dry-run", "--log-format", "json"]) == 0
