@@ -45,8 +45,9 @@ KILLED_STATUS = 1
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
-def _server_name(slot: BuildSlot) -> str:
-    return f"cloudbuild-{slot.build_id}-{slot.slot}"
+def _server_name(slot: BuildSlot, options: VmOptions) -> str:
+    """The builder's name: obs-build's `--vm-worker NAME` (the instance to be created), else ours."""
+    return options.vm_worker or f"cloudbuild-{slot.build_id}-{slot.slot}"
 
 
 def _volume_ref(value: str | None) -> str | None:
@@ -198,7 +199,7 @@ class OpenStackBackend(Backend):
         if pair.swap is None:
             raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
         o = self.options
-        builder = self.builder = Builder(self.api, name=_server_name(slot))
+        builder = self.builder = Builder(self.api, name=_server_name(slot, self.options))
         tags = build_tags(
             owner=self.worker,
             build=slot.build_id,
@@ -244,7 +245,7 @@ class OpenStackBackend(Backend):
             return
         if self.slot is None:
             return
-        name = _server_name(self.slot)
+        name = _server_name(self.slot, self.options)
         compute = self.api.conn.compute
         servers = self.api.call(
             f"find server {name}", lambda: list(compute.servers(name=f"^{re.escape(name)}$"))

@@ -122,6 +122,19 @@ def test_builder_gets_the_volumes_as_block_devices_no_network_and_a_boot_hook(
     assert seen["metadata"][TAG_ROLE] == "builder"
 
 
+def test_vm_worker_names_the_builder_as_in_obs_build(emu: Emulation, tmp_path: Path) -> None:
+    names: list[str] = []
+
+    def guest(server_id: str, disks: list[Path], e: Emulation) -> str | None:
+        names.append(e.fake.server(server_id).name)
+        return scripted_guest(0)(server_id, disks, e)
+
+    emu.guest = guest
+    outcome, _ = build(emu, tmp_path, vm_worker="obs-worker-7")
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert names == ["obs-worker-7"]
+
+
 def test_explicit_flavor_is_used_and_a_guest_without_status_is_exit_3(emu: Emulation, tmp_path: Path) -> None:
     flavors: list[str] = []
     emu.guest = lambda sid, disks, e: (flavors.append(e.fake.server(sid).flavor.name), "")[1]
