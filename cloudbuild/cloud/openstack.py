@@ -199,6 +199,7 @@ class OpenStackBackend(Backend):
         if pair.swap is None:
             raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
         o = self.options
+        (slot.workdir / KILL_MARKER).unlink(missing_ok=True)  # an earlier build's kill in a kept --root
         builder = self.builder = Builder(self.api, name=_server_name(slot, self.options))
         tags = build_tags(
             owner=self.worker,

@@ -364,6 +364,8 @@ def test_builder_that_disappears_is_exit_3(emu: Emulation, tmp_path: Path) -> No
         e.fake.vanish_server(server_id)
 
     emu.guest = guest
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / KILL_MARKER).write_text("killed\n")  # left by a kill of an earlier build
     outcome, _ = build(emu, tmp_path)
     assert outcome.exit_code == ExitCode.INFRA
     assert "disappeared" in outcome.message
