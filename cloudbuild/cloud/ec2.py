@@ -57,11 +57,13 @@ from cloudbuild.cloud.ec2_nvme import (
     serial_of,
 )
 from cloudbuild.cloud.ec2_volume import EbsVolume, attach_all, detach_all
+from cloudbuild.commands.kill import KILL_MARKER
+from cloudbuild.disk import buildstatus
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.retry import wait_for
-from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, Role, VolumePair
+from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, Role, Volume, VolumePair, VolumeState
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
 
 __all__ = [
@@ -131,6 +133,37 @@ exec python3 -m cloudbuild.guest.agent --root "$(readlink -f "$root")" --swap "$
 # --- the backend --------------------------------------------------------------------------------
 
 
+class RunningElsewhere(Volume):
+    """The volumes of a build that another process on this worker runs (seen by `cloudbuild kill`,
+    or by a second build started with the same id): never created, attached or released here."""
+
+    def __init__(self, role: Role, build_id: str):
+        super().__init__(role, 0, owned=False)
+        self.build_id = build_id
+
+    @property
+    def id(self) -> str:
+        return f"<{self.role.value} of build {self.build_id}, running elsewhere>"
+
+    def create(self) -> None:
+        raise UsageError(f"build {self.build_id} is running on this worker already")
+
+    def attach(self, host: str | None = None) -> Path | None:
+        return None
+
+    def detach(self) -> None:
+        pass
+
+    def delete(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def state(self) -> VolumeState:
+        return VolumeState.ABSENT
+
+
 @register
 class Ec2Backend(Backend):
     """One build slot on an EC2 worker. Injectable for tests: api, identity, host paths, state dir, limits."""
@@ -162,6 +195,7 @@ class Ec2Backend(Backend):
         self._build_lock: int | None = None
         self.pair: VolumePair | None = None
         self._nonce = uuid.uuid4().hex[:12]
+        self._running_elsewhere: str | None = None  # the build id another process on this worker runs
 
     @property
     def ctx(self) -> Ec2Context:
@@ -219,7 +253,10 @@ class Ec2Backend(Backend):
             try:
                 self._build_lock = self.ctx.build_locks.acquire(slot.build_id)
             except BlockingIOError:
-                raise UsageError(f"build {slot.build_id} is running on this worker already") from None
+                # another process runs this build (we are `cloudbuild kill`, or a duplicate build id)
+                self._running_elsewhere = slot.build_id
+                self.pair = VolumePair(RunningElsewhere(Role.ROOT, slot.build_id))
+                return self.pair
         if o.vm_volume_root:
             self.pair = VolumePair(
                 EbsVolume(self.ctx, Role.ROOT, o.disk_size, volume_id=o.vm_volume_root, owned=False),
@@ -382,13 +419,18 @@ class Ec2Backend(Backend):
             )
             watchdog.open()
             try:
-                result = self._stream_until_stopped(watchdog, remaining)
+                result = self._stream_until_stopped(
+                    watchdog, remaining, kill_marker=slot.workdir / KILL_MARKER
+                )
             finally:
                 watchdog.close()
             if watchdog.fired:
                 return BootResult(
                     ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s"
                 )
+            if result is not None and result.reason == ExitReason.KILLED:
+                self._mark_killed(swap)
+                return result
             if result is not None:
                 return result
             detach_all([root, swap])
@@ -399,7 +441,9 @@ class Ec2Backend(Backend):
         log.error("builder vanished", state=state)
         return BootResult(ExitReason.CRASHED, detail=f"builder instance {self.builder} {state} unexpectedly")
 
-    def _stream_until_stopped(self, console: Console, timeout: float | None) -> BootResult | None:
+    def _stream_until_stopped(
+        self, console: Console, timeout: float | None, *, kill_marker: Path | None = None
+    ) -> BootResult | None:
         """Copy new console output to `console` until the builder stops; a BootResult when it did not."""
         tail = ConsoleTail()
         latest = [True]
@@ -440,12 +484,29 @@ class Ec2Backend(Backend):
             log.error("build timed out, stopping the builder", timeout=timeout)
             self.kill()
             return BootResult(ExitReason.TIMEOUT, detail=f"no power-off within {timeout:g}s")
+        if kill_marker is not None and kill_marker.exists():
+            log.info("builder killed by `cloudbuild kill`", state=state)
+            return BootResult(ExitReason.KILLED)
         if state != "stopped":
             return self._lost(state)
         pump()
         return None
 
+    def _mark_killed(self, swap: EbsVolume) -> None:
+        """A killed build reports "failed" (BUILDSTATUS1 on swap, as obs-build's kill), so nothing
+        is extracted: once the builder let go of the swap, mark it here."""
+        self._wait_builder(
+            ("stopped", "terminated", "vanished"), self.ctx.limits.stop, "the killed builder to stop"
+        )
+        swap.detach()
+        device = swap.attach()
+        if device is not None:
+            buildstatus.write(device, 1)
+
     def kill(self) -> None:
+        if self.builder is None and self._running_elsewhere is not None:
+            self._kill_elsewhere(self._running_elsewhere)
+            return
         if self.builder is None:
             return
         if self._builder_from_pool or self.options.ec2_pool > 0:
@@ -453,6 +514,27 @@ class Ec2Backend(Backend):
         else:
             self.api.call("terminate_instances", InstanceIds=[self.builder], missing_ok=NOT_FOUND)
         log.info("builder killed", builder=self.builder)
+
+    def _kill_elsewhere(self, build_id: str) -> None:
+        """`cloudbuild kill`: stop the builder that another process on this worker runs `build_id` on."""
+        result = self.api.must(
+            "describe_instances",
+            Filters=[
+                {"Name": f"tag:{TAG_OWNER}", "Values": [self.ctx.identity.instance_id]},
+                {"Name": f"tag:{TAG_BUILD}", "Values": [build_id]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ],
+        )
+        for reservation in result.get("Reservations", []):
+            for instance in reservation.get("Instances", []):
+                instance_id = instance["InstanceId"]
+                if TAG_POOL in tag_dict(instance.get("Tags")):
+                    self.api.call(
+                        "stop_instances", InstanceIds=[instance_id], Force=True, missing_ok=NOT_FOUND
+                    )
+                else:
+                    self.api.call("terminate_instances", InstanceIds=[instance_id], missing_ok=NOT_FOUND)
+                log.info("builder of a running build killed", builder=instance_id, build=build_id)
 
     def cleanup(self) -> None:
         """Terminate the builder, or stop it and hand it back to the pool; idempotent."""

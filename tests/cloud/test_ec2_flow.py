@@ -266,3 +266,49 @@ def test_gc_through_the_cli_dispatcher(ec2_world: Ec2World) -> None:
     from cloudbuild import cli
 
     assert cli.main(["gc", "--vm-type", "ec2", "--dry-run", "--log-format", "json"]) == 0
+
+
+def test_cloudbuild_kill_stops_the_builder_and_the_build_fails_exit_1(ec2_world: Ec2World) -> None:
+    from cloudbuild.commands import kill
+
+    building = threading.Event()
+    release = threading.Event()
+
+    def hang(run: BuilderRun) -> None:
+        run.outcome = "hang"
+        building.set()
+        release.wait(10)
+
+    ec2_world.emulator.play = hang
+    outcomes: list[object] = []
+    the_job = job(ec2_world, "victim")
+    the_job.workdir.mkdir(parents=True)
+    thread = threading.Thread(
+        target=lambda: outcomes.append(
+            run_build(the_job, ec2_world.backend(), FakeHostSteps(), ListConsole())
+        )
+    )
+    thread.start()
+    try:
+        assert building.wait(30)
+        argv = [
+            "--vm-type",
+            "ec2",
+            "--build-id",
+            "victim",
+            "--root",
+            str(the_job.workdir),
+            "--log-format",
+            "json",
+        ]
+        assert kill.main([*argv, "--ec2-builder-ami", ec2_world.ami]) == 0
+        thread.join(30)
+    finally:
+        release.set()
+    outcome = outcomes[0]
+    assert getattr(outcome, "exit_code", None) == ExitCode.BUILD_FAILED, getattr(outcome, "message", outcome)
+    builder = ec2_world.emulator.runs[0].instance_id
+    state = ec2_world.ec2.describe_instances(InstanceIds=[builder])["Reservations"][0]["Instances"][0][
+        "State"
+    ]
+    assert state["Name"] == "terminated"
