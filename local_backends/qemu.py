@@ -46,6 +46,7 @@ GUEST_ROOT = "/dev/disk/by-id/virtio-0"
 GUEST_SWAP = "/dev/disk/by-id/virtio-1"
 DEFAULT_MEMORY_MIB = 1024
 PER_LINUX32 = 0x0008
+QBOOT = "/usr/share/qemu/qboot.rom"  # Debian's qemu-system-data
 
 # host machine -> (qemu binary, machine, console device)
 _ARCHES: dict[str, tuple[str, str, str]] = {
@@ -106,6 +107,14 @@ class QemuMachine:
     root_options: str = "noatime"
     hugetlbfs: str | None = None
     extra_append: str = ""
+    firmware: str | None = "auto"  # "auto": qboot where installed (pc machines), None: qemu's default
+
+    def bios(self) -> str | None:
+        """qboot instead of SeaBIOS: a minimal firmware that goes straight to the kernel (~0.3 s less under TCG)."""
+        if self.firmware != "auto":
+            return self.firmware
+        _, machine, _ = host_arch()
+        return QBOOT if machine == "pc" and Path(QBOOT).is_file() else None
 
     def cmdline(self) -> str:
         _, _, console = host_arch()
@@ -153,6 +162,9 @@ class QemuMachine:
         ]
         if self.initrd is not None:
             argv += ["-initrd", str(self.initrd)]
+        bios = self.bios()
+        if bios:
+            argv += ["-bios", bios]
         if self.hugetlbfs:
             argv += ["-mem-prealloc", "-mem-path", self.hugetlbfs]
         for serial, (disk, name) in enumerate(((self.root, "disk"), (self.swap, "swap"))):
