@@ -100,7 +100,7 @@ log = get_logger(__name__)
 HOOK_MARKER = "# cloudbuild-builder-hook v1"
 
 
-def user_data(*, build_id: str, root: str, swap: str, device_timeout: int = 300) -> str:
+def user_data(*, build_id: str, root: str, swap: str, device_timeout: int = 3600) -> str:
     """The boot hook shipped as user-data (see docs/ec2.md for the contract with the builder AMI).
 
     It finds the volumes by id through udev's NVMe links (never by device name), runs the guest
@@ -299,14 +299,19 @@ class Ec2Backend(Backend):
         info = self._describe_builder()
         return str(info["State"]["Name"]) if info else "vanished"
 
-    def _wait_builder(self, states: Collection[str], timeout: float, what: str) -> str:
+    def _wait_builder(
+        self,
+        states: Collection[str],
+        timeout: float,
+        what: str,
+        *,
+        give_up: Collection[str] = ("terminated", "vanished", "shutting-down"),
+    ) -> str:
+        """Wait until the builder is in one of `states`; a state in `give_up` ends the wait too."""
+
         def probe() -> str | None:
             state = self._builder_state()
-            if state in states:
-                return state
-            if state in ("terminated", "vanished", "shutting-down") and state not in states:
-                return state
-            return None
+            return state if state in states or state in give_up else None
 
         return wait_for(
             probe,
@@ -385,33 +390,24 @@ class Ec2Backend(Backend):
         root, swap = pair.root, pair.swap
         if not isinstance(root, EbsVolume) or not isinstance(swap, EbsVolume):
             raise InfraError("--vm-type ec2 runs builds on EBS volumes only")
-        hook = user_data(build_id=slot.build_id, root=root.id, swap=swap.id)
         started = time.monotonic()
-        builder = self._claim_from_pool(slot, hook)
-        self._builder_from_pool = builder is not None
-        if builder is None:
-            builder = self._launch(slot, hook)
-        self.builder = builder
+        if self.builder is None:  # not started early by fixup()
+            self._start_builder(slot, root, swap)
+        builder = self.builder
+        assert builder is not None
         with bound(builder=builder, pool=self._builder_from_pool):
-            if self._builder_from_pool:
-                # stopped: ask for the attachments, start, then wait for them; the hook finds the
-                # volumes by id when they appear
-                attach_all(
-                    [root, swap],
-                    builder,
-                    meanwhile=lambda: self.api.must(
-                        "start_instances", InstanceIds=[builder], eventual=("IncorrectState",)
-                    ),
-                )
-            else:
-                # a new instance boots at once; attach as soon as EC2 accepts it (pending -> running),
-                # the hook waits for the volumes to appear
-                state = self._wait_builder(
-                    ("running", "stopped"), self.ctx.limits.running, "the builder to run"
-                )
-                if state not in ("running", "stopped"):
-                    return self._lost(state)
-                attach_all([root, swap], builder)
+            # attach as soon as EC2 accepts it (pending -> running); the boot hook waits for the
+            # volumes to appear
+            state = self._wait_builder(
+                ("running",),
+                self.ctx.limits.running,
+                f"builder {builder} to run",
+                # stopped already: its boot hook gave up waiting for the volumes
+                give_up=("stopped", "terminated", "vanished", "shutting-down"),
+            )
+            if state != "running":
+                return self._lost(state)
+            attach_all([root, swap], builder)
             log.info("builder started", seconds=round(time.monotonic() - started, 3))
             remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
             watchdog = Watchdog(
@@ -435,6 +431,27 @@ class Ec2Backend(Backend):
                 return result
             detach_all([root, swap])
             return BootResult(ExitReason.POWERED_OFF)
+
+    def fixup(self, buildroot: Path) -> None:
+        """The root is staged: start the builder now, so that it boots while the host unmounts and
+        detaches the root and clears the swap (its boot hook waits for the volumes to appear)."""
+        pair = self.pair
+        if self.builder is not None or self._slot is None or pair is None or pair.swap is None:
+            return
+        if isinstance(pair.root, EbsVolume) and isinstance(pair.swap, EbsVolume):
+            self._start_builder(self._slot, pair.root, pair.swap)
+
+    def _start_builder(self, slot: BuildSlot, root: EbsVolume, swap: EbsVolume) -> None:
+        """Claim a pool builder and start it, or launch a new one; the volumes attach later."""
+        hook = user_data(build_id=slot.build_id, root=root.volume_id, swap=swap.volume_id)
+        builder = self._claim_from_pool(slot, hook)
+        self._builder_from_pool = builder is not None
+        if builder is None:
+            builder = self._launch(slot, hook)
+        self.builder = builder
+        if self._builder_from_pool:
+            self.api.must("start_instances", InstanceIds=[builder], eventual=("IncorrectState",))
+            log.info("pool builder starting", builder=builder)
 
     def _lost(self, state: str) -> BootResult:
         self._builder_lost = True
@@ -496,7 +513,9 @@ class Ec2Backend(Backend):
         """A killed build reports "failed" (BUILDSTATUS1 on swap, as obs-build's kill), so nothing
         is extracted: once the builder let go of the swap, mark it here."""
         self._wait_builder(
-            ("stopped", "terminated", "vanished"), self.ctx.limits.stop, "the killed builder to stop"
+            ("stopped", "terminated", "vanished"),
+            self.ctx.limits.stop,
+            f"killed builder {self.builder} to stop",
         )
         swap.detach()
         device = swap.attach()
@@ -575,7 +594,10 @@ class Ec2Backend(Backend):
     def _return_to_pool(self, builder: str, state: str) -> bool:
         if state != "stopped":
             self.api.must("stop_instances", InstanceIds=[builder])
-            if self._wait_builder(("stopped",), self.ctx.limits.stop, "the builder to stop") != "stopped":
+            if (
+                self._wait_builder(("stopped",), self.ctx.limits.stop, f"builder {builder} to stop")
+                != "stopped"
+            ):
                 return False
         info = self._describe_builder() or {}
         attached = [

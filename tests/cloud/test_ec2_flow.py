@@ -230,7 +230,7 @@ def test_builder_stuck_pending_is_exit_3_and_terminated(ec2_world: Ec2World) -> 
     faults.after("RunInstances", stuck)
     limits = Ec2Limits(**{**FAST.__dict__, "running": 0.3})
     outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), ListConsole())
-    assert outcome.exit_code == ExitCode.INFRA and "the builder to run" in outcome.message
+    assert outcome.exit_code == ExitCode.INFRA and "to run" in outcome.message
     state = ec2_world.ec2.describe_instances(InstanceIds=builders)["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] == "terminated"
     assert faults.count("AttachVolume") == 2  # only the two attaches here, none to the builder

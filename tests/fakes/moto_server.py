@@ -355,6 +355,7 @@ class FakeHostSteps:
         self.calls.append("prepare_root")
         with open(device, "r+b") as f:
             f.write(self.STAGED)
+        backend.fixup(device)  # as DiskHostSteps does once the root is staged
 
     def reset_swap(self, device: Path, deadline: Deadline) -> None:
         self.calls.append("reset_swap")
