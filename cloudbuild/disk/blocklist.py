@@ -266,19 +266,52 @@ def manifest_lines(
     A symlink whose target would leave the tree, or a special file, is skipped with a warning
     (as computeblocklists does); a name extractbuild would refuse raises ValueError; a file
     that cannot be block-mapped raises BlocklistError.
+
+    Beyond computeblocklists, so that the manifest is always one the extractors accept: a name
+    listed twice is written once (with a warning), and directories missing from the list
+    (`find RPMS -type f`) are written before the first name inside them. For find's output of
+    whole trees neither happens and the lines are computeblocklists' exactly.
     """
     describer = _Describer(inline=fmt == "mtime", use_fibmap=use_fibmap, dir_fd=dir_fd)
+    written: set[bytes] = set()
+    dirs: set[bytes] = set()
+
+    def emit(name: bytes) -> tuple[bytes, bytes, int] | None:
+        result = describer.describe(name)
+        if result is None:
+            return None
+        if isinstance(result, _Skip):
+            _warn(result.warning)
+            return None
+        written.add(name)
+        if result[0].startswith(b"d "):
+            dirs.add(name)
+        if verbose:
+            sys.stderr.write(f"{_show(name)}\n")
+        return result
+
     try:
         for path in paths:
-            result = describer.describe(os.fsencode(path))
-            if result is None:
+            name = os.fsencode(path)
+            if name in written:
+                _warn(f"{_show(name)}: listed twice, ignored")
                 continue
-            if isinstance(result, _Skip):
-                _warn(result.warning)
-                continue
-            if verbose:
-                sys.stderr.write(f"{_show(result[1])}\n")
-            yield result
+            parent = name.rpartition(b"/")[0]
+            missing: list[bytes] = []
+            while parent and parent not in dirs:
+                missing.append(parent)
+                parent = parent.rpartition(b"/")[0]
+            for ancestor in reversed(missing):
+                result = None if ancestor in written else emit(ancestor)
+                if ancestor not in dirs:
+                    raise ValueError(
+                        f"{_show(name)}: {_show(ancestor)} is not a directory that can be listed"
+                    )
+                if result is not None:
+                    yield result
+            result = emit(name)
+            if result is not None:
+                yield result
     finally:
         describer.close()
 

@@ -147,3 +147,25 @@ def test_missing_name_list_file_is_a_clean_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith(b"blocklist: --manifest:")
     assert proc.stdout == b""
+
+
+def test_missing_directories_are_listed_and_duplicates_dropped(tmp_path: Path) -> None:
+    (tmp_path / "RPMS" / "x86_64").mkdir(parents=True)
+    (tmp_path / "RPMS" / "x86_64" / "a.rpm").write_bytes(b"")
+    (tmp_path / "RPMS" / "b.rpm").write_bytes(b"")
+    proc = blocklist_cli(
+        ["--format", "obs", "RPMS/x86_64/a.rpm", "RPMS/b.rpm", "RPMS/b.rpm", "RPMS", "RPMS/x86_64"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"d RPMS\nd RPMS/x86_64\nf RPMS/x86_64/a.rpm 0\nf RPMS/b.rpm 0\n"
+    assert proc.stderr.count(b"listed twice, ignored") == 3
+    assert list(manifest.parse(io.BytesIO(proc.stdout)))  # the extractors accept it
+
+
+def test_a_file_cannot_be_the_parent_of_a_listed_name(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"")
+    (tmp_path / "l").symlink_to("f")
+    for listing in (["f", "f/x"], ["l/x"]):
+        proc = blocklist_cli(listing, tmp_path)
+        assert proc.returncode == 1, listing
+        assert b"is not a directory that can be listed" in proc.stderr
