@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import tempfile
 import urllib.request
@@ -72,40 +73,80 @@ STATE_CHANGING = {
 }
 
 
+IDS = re.compile(r"\b(?:vol|i|snap|ami)-[0-9a-f]+\b")
+
+
 @dataclass
 class Recording:
-    events: list[tuple[str, str]] = field(default_factory=list)  # ("call", op) | ("wait", what)
+    # ("call", op, resource ids) | ("wait", what, resource ids named in `what`)
+    events: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)
 
-    def call(self, op: str) -> None:
-        self.events.append(("call", op))
+    def call(self, op: str, ids: tuple[str, ...]) -> None:
+        self.events.append(("call", op, ids))
 
     def wait(self, what: str) -> None:
-        self.events.append(("wait", what))
+        self.events.append(("wait", what, tuple(IDS.findall(what))))
 
-    def count(self, op: str) -> int:
-        return sum(1 for kind, name in self.events if kind == "call" and name == op)
+    def calls(self) -> list[str]:
+        return [name for kind, name, _ in self.events if kind == "call"]
+
+
+def call_ids(params: dict[str, Any], parsed: dict[str, Any]) -> tuple[str, ...]:
+    """The resources a call acts on: from its parameters and, for creations, its answer."""
+    ids: list[str] = []
+    for key in ("VolumeId", "InstanceId", "SnapshotId", "ImageId"):
+        for source in (params, parsed):
+            value = source.get(key)
+            if isinstance(value, str):
+                ids.append(value)
+    ids += [i for i in params.get("InstanceIds", []) if isinstance(i, str)]
+    ids += [i["InstanceId"] for i in parsed.get("Instances", []) if isinstance(i, dict) and "InstanceId" in i]
+    return tuple(dict.fromkeys(ids))
 
 
 def critical_path(rec: Recording, model: dict[str, float], *, obs: bool = False) -> float:
-    """Seconds from the first call to the last completion under `model` (see the module doc)."""
+    """Seconds from the first call to the last completion under `model`.
+
+    A state-changing call on resources R finishes `model[op]` after it is issued; a wait naming
+    resources ends when their last call finished (a wait naming none waits for everything). An
+    instance boots `boot_fresh`/`boot_warm` after it runs, and its guest starts once it booted and
+    the volumes attached to it are attached; a wait for its power-off ends a shutdown and a
+    detection delay after that (the build itself takes no time). Every call costs a round trip.
+    """
     t = 0.0
-    pending: list[float] = []
-    booted = "boot_fresh"
-    for kind, name in rec.events:
+    done: dict[str, float] = {}
+    booted: dict[str, float] = {}
+    volumes_of: dict[str, list[str]] = {}
+    for kind, name, ids in rec.events:
         if kind == "call":
-            if name in ("RunInstances", "StartInstances"):
-                booted = "boot_fresh" if name == "RunInstances" else "boot_warm"
             if name in STATE_CHANGING:
-                pending.append(t + model.get(name, 0.0))
+                finish = t + model.get(name, 0.0)
+                for rid in ids:
+                    done[rid] = max(done.get(rid, 0.0), finish)
+                if name in ("RunInstances", "StartInstances"):
+                    boot = model["boot_fresh" if name == "RunInstances" else "boot_warm"]
+                    for rid in ids:
+                        if rid.startswith("i-"):
+                            booted[rid] = finish + boot
+                if name == "AttachVolume":
+                    volume = next((r for r in ids if r.startswith("vol-")), None)
+                    instance = next((r for r in ids if r.startswith("i-")), None)
+                    if volume and instance:
+                        volumes_of.setdefault(instance, []).append(volume)
             t += model["rtt"]
             continue
-        t = max([t, *pending])
-        pending = []
-        if "power off" in name:  # the build machine: boot, (zero-second build), shutdown, noticed
+        if "power off" in name:
+            instance = next((r for r in ids if r.startswith("i-")), "")
+            guest = max([booted.get(instance, t), *(done.get(v, 0.0) for v in volumes_of.get(instance, []))])
             shutdown = model["shutdown_terminate"] if obs else model["shutdown_stop"]
             detect = model["detect_obs"] if obs else model["detect_cloudbuild"]
-            t += model[booted] + shutdown + detect
-    return max([t, *pending])
+            t = max(t, guest) + shutdown + detect
+            for v in volumes_of.get(instance, []):
+                done[v] = max(done.get(v, 0.0), t)
+            continue
+        waited = [done[r] for r in ids if r in done] if ids else list(done.values())
+        t = max([t, *waited])
+    return max([t, *done.values()])
 
 
 # --- cloudbuild, for real against moto ----------------------------------------------------------
@@ -180,15 +221,20 @@ def recording(ec2: Any) -> Iterator[Recording]:
     modules = (ec2_backend, ec2_volume, ec2_gc)
     rec = Recording()
     real_wait_for: Callable[..., Any] = ec2_backend.wait_for
+    params_of: dict[int, dict[str, Any]] = {}
 
-    def on_call(model: Any, **kwargs: Any) -> None:
-        rec.call(model.name)
+    def on_params(params: dict[str, Any], context: dict[str, Any], **kwargs: Any) -> None:
+        params_of[id(context)] = dict(params)
+
+    def on_call(model: Any, parsed: dict[str, Any], context: dict[str, Any], **kwargs: Any) -> None:
+        rec.call(model.name, call_ids(params_of.pop(id(context), {}), parsed))
 
     def wait_for(probe: Callable[[], Any], *, what: str, **kwargs: Any) -> Any:
         rec.wait(what)
         return real_wait_for(probe, what=what, **kwargs)
 
-    ec2.meta.events.register("before-call.ec2", on_call)
+    ec2.meta.events.register("provide-client-params.ec2", on_params)
+    ec2.meta.events.register("after-call.ec2", on_call)
     for module in modules:
         module.wait_for = wait_for  # type: ignore[attr-defined]
     try:
@@ -196,7 +242,8 @@ def recording(ec2: Any) -> Iterator[Recording]:
     finally:
         for module in modules:
             module.wait_for = real_wait_for  # type: ignore[attr-defined]
-        ec2.meta.events.unregister("before-call.ec2", on_call)
+        ec2.meta.events.unregister("after-call.ec2", on_call)
+        ec2.meta.events.unregister("provide-client-params.ec2", on_params)
 
 
 def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
@@ -240,17 +287,17 @@ def obs_build(world: Any) -> Recording:
 
     with recording(ec2) as rec:
         ec2.attach_volume(VolumeId=root, InstanceId=world.worker_id, Device="/dev/sdz")
-        rec.wait("root attached")
+        rec.wait(f"{root} attached")
         state(root)
         # mkfs + staging on the root (not counted); swap: attach, zero the head, detach
         ec2.attach_volume(VolumeId=swap, InstanceId=world.worker_id, Device="/dev/sdy")
-        rec.wait("swap attached")
+        rec.wait(f"{swap} attached")
         state(swap)
         ec2.detach_volume(VolumeId=swap, InstanceId=world.worker_id)
         ec2.detach_volume(VolumeId=root, InstanceId=world.worker_id)
         snap_root = ec2.create_snapshot(VolumeId=root)["SnapshotId"]
         snap_swap = ec2.create_snapshot(VolumeId=swap)["SnapshotId"]
-        rec.wait("snapshots completed")
+        rec.wait(f"{snap_root} {snap_swap} completed")
         ec2.describe_snapshots(SnapshotIds=[snap_root, snap_swap])
         image = ec2.register_image(
             Name=f"build-{root}",
@@ -261,7 +308,7 @@ def obs_build(world: Any) -> Recording:
                 {"DeviceName": "/dev/sdb1", "Ebs": {"SnapshotId": snap_swap, "DeleteOnTermination": False}},
             ],
         )["ImageId"]
-        rec.wait("image available")
+        rec.wait(f"{image} available")
         instance = ec2.run_instances(
             ImageId=image,
             MinCount=1,
@@ -270,7 +317,7 @@ def obs_build(world: Any) -> Recording:
             Placement={"AvailabilityZone": zone},
             InstanceInitiatedShutdownBehavior="terminate",
         )["Instances"][0]["InstanceId"]
-        rec.wait("builder to power off")  # obs-build polls describe-instances until terminated
+        rec.wait(f"builder {instance} to power off")  # obs-build polls until terminated
         ec2.describe_instances(InstanceIds=[instance])
         ec2.get_console_output(InstanceId=instance)
         ec2.terminate_instances(InstanceIds=[instance])  # moto: what the guest's power-off does
@@ -280,16 +327,16 @@ def obs_build(world: Any) -> Recording:
             ec2.create_volume(AvailabilityZone=zone, Size=4, SnapshotId=snap_root)["VolumeId"],
             ec2.create_volume(AvailabilityZone=zone, Size=1, SnapshotId=snap_swap)["VolumeId"],
         ]
-        rec.events = [e for e in rec.events if e != ("call", "CreateVolume")]  # made by RunInstances in EC2
+        rec.events = [e for e in rec.events if e[:2] != ("call", "CreateVolume")]  # RunInstances made them
         ec2.attach_volume(VolumeId=extract[0], InstanceId=world.worker_id, Device="/dev/sdz")
-        rec.wait("extract root attached")
+        rec.wait(f"{extract[0]} attached")
         ec2.attach_volume(VolumeId=extract[1], InstanceId=world.worker_id, Device="/dev/sdy")
-        rec.wait("extract swap attached")
+        rec.wait(f"{extract[1]} attached")
         # BUILDSTATUS + extraction (not counted); vm_cleanup_ec2:
         for volume in (root, swap, *extract):
             with contextlib.suppress(Exception):
                 ec2.detach_volume(VolumeId=volume, InstanceId=world.worker_id)
-        rec.wait("volumes detached")  # needed before the delete (obs-build just tries)
+        rec.wait(" ".join([root, swap, *extract]) + " detached")  # needed before the delete
         ec2.delete_snapshot(SnapshotId=snap_root)
         ec2.delete_snapshot(SnapshotId=snap_swap)
         for volume in extract:
@@ -304,9 +351,9 @@ def obs_build(world: Any) -> Recording:
 
 def summarize(name: str, rec: Recording, model: dict[str, float], *, obs: bool = False) -> float:
     seconds = critical_path(rec, model, obs=obs)
-    calls = [n for k, n in rec.events if k == "call"]
+    calls = rec.calls()
     counted = {op: calls.count(op) for op in sorted(set(calls))}
-    waits = sum(1 for k, _ in rec.events if k == "wait")
+    waits = sum(1 for kind, _, _ in rec.events if kind == "wait")
     print(f"\n{name}: {seconds:6.1f} s critical path, {len(calls)} API calls, {waits} waits")
     print("  " + ", ".join(f"{op} {n}" for op, n in counted.items()))
     return seconds
