@@ -32,6 +32,7 @@ from cloudbuild import options as cboptions
 from cloudbuild.backend import create_backend
 from cloudbuild.build import BuildJob, BuildOutcome, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps, check_dest, log_path, statistics_path
+from cloudbuild.buildroot.stage import rootfs_kind
 from cloudbuild.errors import ExitCode, UsageError
 from cloudbuild.watchdog import BuildLog
 
@@ -90,6 +91,7 @@ def run(options: cboptions.VmOptions, *, echo: bool = True) -> BuildOutcome:
         raise UsageError(f"--rootfs is required (make one with `cloudbuild rootfs DIR`)\n{USAGE}")
     dest = Path(options.dest)
     check_dest(dest)
+    rootfs_kind(Path(options.rootfs))  # a missing or unknown --rootfs fails before any disk work
     build_id = options.build_id or BuildJob.new_id()
     started = time.monotonic()
     for stale in (log_path(dest), statistics_path(dest)):  # of an earlier build with this --dest
@@ -113,7 +115,8 @@ def run(options: cboptions.VmOptions, *, echo: bool = True) -> BuildOutcome:
 def main(argv: Sequence[str]) -> int:
     args = list(argv)
     if any(a in ("-h", "--help", "-help") for a in args):
-        print(cboptions.help_text(USAGE))
+        with contextlib.suppress(BrokenPipeError):  # `cloudbuild build --help | head`
+            print(cboptions.help_text(USAGE))
         return 0
     options = cboptions.resolve_paths(cboptions.parse(args))
     cblog.configure(options.log_format)  # type: ignore[arg-type]
