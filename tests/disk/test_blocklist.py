@@ -169,3 +169,20 @@ def test_a_file_cannot_be_the_parent_of_a_listed_name(tmp_path: Path) -> None:
         proc = blocklist_cli(listing, tmp_path)
         assert proc.returncode == 1, listing
         assert b"is not a directory that can be listed" in proc.stderr
+
+
+def test_many_extents_span_several_fiemap_calls_and_match_computeblocklists(tmp_path: Path) -> None:
+    with open(tmp_path / "holey", "wb") as f:
+        for i in range(300):  # 300 data extents separated by holes: several FIEMAP calls each side
+            f.seek(i * 3 * 4096)
+            f.write(os.urandom(4096))
+        f.truncate(300 * 3 * 4096 + 100)
+    ours = blocklist_cli(["--format", "obs", "holey"], tmp_path)
+    perl = subprocess.run(
+        ["perl", "/usr/lib/obs-build/computeblocklists", "holey"],
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
+    assert ours.stdout == perl.stdout
+    assert ours.stdout.count(b" 0-1") >= 299  # the 8 KiB holes between the data blocks
