@@ -384,12 +384,12 @@ def _move_into_place(
         for name in top:
             _rename_noreplace(staging_fd, name, dest_fd)
             moved.append(name)
+        for name, mtime in mtimes.items():  # moving a directory may touch it
+            os.utime(name, ns=_ns(mtime), dir_fd=dest_fd, follow_symlinks=False)
     except OSError as exc:
-        for name in reversed(moved):
+        for name in reversed(moved):  # all or nothing: take back what was moved
             os.rename(name, name, src_dir_fd=dest_fd, dst_dir_fd=staging_fd)
         raise _os_error(exc, f"moving results into {dest}") from None
-    for name, mtime in mtimes.items():  # moving a directory may touch it
-        os.utime(name, ns=_ns(mtime), dir_fd=dest_fd, follow_symlinks=False)
 
 
 def extract_stream(

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from cloudbuild.disk import extract
 from cloudbuild.disk.extract import RawDisk, extract_stream, main
-from cloudbuild.errors import UntrustedData
+from cloudbuild.errors import InfraError, UntrustedData
 
 from .conftest import leftovers
 
@@ -275,3 +275,26 @@ def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, m
             elif os.path.isfile(path):
                 total += os.path.getsize(path)
         assert total <= (DISK_SIZE if max_size is None else max_size)
+
+
+def test_a_failure_while_moving_into_place_takes_back_what_was_moved(
+    small_disk: Path, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = extract._rename_noreplace
+    calls = []
+
+    def flaky(src_fd: int, name: bytes, dst_fd: int) -> None:
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(src_fd, name, dst_fd)
+
+    monkeypatch.setattr(extract, "_rename_noreplace", flaky)
+    fd = os.open(small_disk, os.O_RDONLY)
+    try:
+        with pytest.raises(InfraError, match="No space left"):
+            extract_stream(RawDisk(fd), io.BytesIO(b"d a\nf b 0\nf c 0\nf d 0\n\n"), dest=dest)
+    finally:
+        os.close(fd)
+    assert calls[:3] == [b"a", b"b", b"c"]
+    assert leftovers(dest) == []
