@@ -411,8 +411,9 @@ def extract_stream(
         staging = _staging_dir(dest)
     except OSError as exc:
         raise InfraError(f"cannot create a staging directory for {dest}: {exc.strerror}") from None
-    staging_fd = os.open(staging, _DIR_FLAGS)
+    staging_fd = -1
     try:
+        staging_fd = os.open(staging, _DIR_FLAGS)
         report, top, mtimes = extract_into(
             disk, stream, staging_fd, max_size=limit, dialect=dialect, limits=limits, verbose=verbose
         )
@@ -422,7 +423,8 @@ def extract_stream(
         finally:
             os.close(dest_fd)
     finally:
-        os.close(staging_fd)
+        if staging_fd >= 0:
+            os.close(staging_fd)
         shutil.rmtree(staging, ignore_errors=True)
     get_logger(__name__).info(
         "extracted results",
