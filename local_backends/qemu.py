@@ -320,7 +320,8 @@ class QemuBackend(Backend):
 
     def exit_reason(self, returncode: int | None, *, timed_out: bool, watchdog: Watchdog) -> BootResult:
         if watchdog.fired:
-            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
+            after = f" for {watchdog.timeout:g}s" if watchdog.timeout is not None else ""
+            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open{after}")
         if timed_out:
             return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
         if self._killed:
