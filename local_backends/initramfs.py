@@ -187,8 +187,11 @@ def _write_tree(cpio: CpioWriter, staging: Path) -> None:
             cpio.directory(rel)
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            st = path.stat()
             arcname = name if rel == "." else f"{rel}/{name}"
+            if path.is_symlink():
+                cpio.symlink(arcname, os.readlink(path))
+                continue
+            st = path.stat()
             cpio.file(arcname, path.read_bytes(), st.st_mode & 0o7777, mtime=int(st.st_mtime))
 
 
@@ -228,11 +231,13 @@ def _stage_python(staging: Path, tools: Tools) -> None:
     )  # fmt: skip
     python_target = staging / "usr/bin/python3"
     python_target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(tools.python, python_target)
-    if tools.python.parent != Path("/usr/bin"):  # its prefix is found relative to its own path
+    if tools.python.parent == Path("/usr/bin"):
+        shutil.copy2(tools.python, python_target)
+    else:  # e.g. a pyenv build: its prefix is found from its real path, /usr/bin/python3 links there
         own = staging / tools.python.relative_to("/")
         own.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(tools.python, own)
+        python_target.symlink_to(tools.python)
     for lib in _shared_libraries([tools.python, *extensions]):
         target = staging / lib.relative_to("/")
         target.parent.mkdir(parents=True, exist_ok=True)
