@@ -212,6 +212,15 @@ def test_guest_powering_off_without_status_gives_3(tmp_path: Path, rootfs: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_guest_kernel_panic_is_a_crash_and_gives_3(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    script = recipe(tmp_path / "recipe", "echo c > /proc/sysrq-trigger\nsleep 60\n")
+    proc = build(tmp_path, rootfs, cache, script)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "kernel panic" in proc.stderr
+    assert "Kernel panic - not syncing" in (tmp_path / "out.log").read_text(errors="replace")
+    assert not (tmp_path / "out").exists()
+
+
 HOSTILE = (
     "BUILDSTATUS0"
     + "\n" * 500
