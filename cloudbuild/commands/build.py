@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from types import FrameType
 
 from cloudbuild import log as cblog
 from cloudbuild import options as cboptions
-from cloudbuild.backend import create_backend
+from cloudbuild.backend import Backend, create_backend
 from cloudbuild.build import BuildJob, BuildOutcome, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps, check_dest, log_path, statistics_path
 from cloudbuild.buildroot.stage import rootfs_kind
@@ -51,13 +52,18 @@ def check_recipe(options: cboptions.VmOptions) -> Path:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so the orchestrator's cleanup stops the machine."""
+def _terminate_as_interrupt(backend: Backend) -> Iterator[None]:
+    """SIGTERM/SIGHUP stop the machine at once and unwind like Ctrl-C through the orchestrator's cleanup.
+
+    The machine is stopped from a thread: the main thread may be inside the machine process'
+    wait(), which a signal handler must not re-enter.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=backend.kill, name="kill-on-signal", daemon=True).start()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
         yield
     finally:
@@ -98,8 +104,8 @@ def run(options: cboptions.VmOptions, *, echo: bool = True) -> BuildOutcome:
         stale.unlink(missing_ok=True)
     console = BuildLog(log_path(dest), echo=sys.stdout.buffer if echo else None)
     try:
-        with _workdir(options, build_id) as workdir, _terminate_as_interrupt():
-            backend = create_backend(options)
+        backend = create_backend(options)
+        with _workdir(options, build_id) as workdir, _terminate_as_interrupt(backend):
             steps = DiskHostSteps(options, recipe, build_id=build_id, workdir=workdir)
             job = BuildJob(build_id, dest, workdir, limits=PhaseLimits(boot=options.build_timeout))
             outcome = run_build(job, backend, steps, console)

@@ -221,6 +221,28 @@ def test_guest_kernel_panic_is_a_crash_and_gives_3(tmp_path: Path, rootfs: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_sigterm_stops_the_machine_and_cleans_up(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    script = recipe(tmp_path / "recipe", 'echo "recipe sleeping"\nsleep 3600\n')
+    env = {**os.environ, "CLOUDBUILD_CACHE_DIR": str(cache), "TMPDIR": str(tmp_path)}
+    argv = [*CLI, "build", "--vm-type", "qemu", "--rootfs", str(rootfs), "--dest", str(tmp_path / "out")]
+    proc = subprocess.Popen(
+        [*argv, "--vm-disk-size", "512", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"recipe sleeping" not in seen and time.monotonic() < deadline:  # the console echo
+        chunk = proc.stdout.read1(4096)  # type: ignore[attr-defined]
+        if not chunk:
+            break
+        seen += chunk
+    assert b"recipe sleeping" in seen
+    proc.terminate()
+    assert proc.wait(timeout=30) == 3
+    assert not qemu_processes(str(tmp_path))
+    assert not list(tmp_path.glob("cloudbuild-*"))  # work folder and images removed
+
+
 HOSTILE = (
     "BUILDSTATUS0"
     + "\n" * 500
