@@ -72,16 +72,19 @@ def _terminate_as_interrupt(backend: Backend) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _workdir(options: cboptions.VmOptions, build_id: str) -> Iterator[Path]:
+def _workdir(options: cboptions.VmOptions, build_id: str, recipe: Path) -> Iterator[Path]:
     """--root (kept, obs-build's BUILD_ROOT) or a private temporary folder (removed)."""
+    base = Path(options.root) if options.root else Path(os.environ.get("TMPDIR", "/var/tmp"))
+    if base.resolve().is_relative_to(recipe.parent.resolve()):
+        raise UsageError(
+            f"the work folder {base} is inside the recipe's folder {recipe.parent}, which is copied into "
+            "the build root: use another --root or TMPDIR"
+        )
     if options.root:
-        root = Path(options.root)
-        root.mkdir(parents=True, exist_ok=True)
-        yield root
+        base.mkdir(parents=True, exist_ok=True)
+        yield base
         return
-    folder = Path(
-        tempfile.mkdtemp(prefix=f"cloudbuild-{build_id}-", dir=os.environ.get("TMPDIR", "/var/tmp"))
-    )
+    folder = Path(tempfile.mkdtemp(prefix=f"cloudbuild-{build_id}-", dir=base))
     try:
         yield folder
     finally:
@@ -105,7 +108,7 @@ def run(options: cboptions.VmOptions, *, echo: bool = True) -> BuildOutcome:
     console = BuildLog(log_path(dest), echo=sys.stdout.buffer if echo else None)
     try:
         backend = create_backend(options)
-        with _workdir(options, build_id) as workdir, _terminate_as_interrupt(backend):
+        with _workdir(options, build_id, recipe) as workdir, _terminate_as_interrupt(backend):
             steps = DiskHostSteps(options, recipe, build_id=build_id, workdir=workdir)
             job = BuildJob(build_id, dest, workdir, limits=PhaseLimits(boot=options.build_timeout))
             outcome = run_build(job, backend, steps, console)
