@@ -26,6 +26,7 @@ import errno
 import io
 import os
 import pathlib
+import signal
 import stat
 import sys
 import time
@@ -279,6 +280,9 @@ class Agent:
             try:
                 os.dup2(null, 0)
                 os.close(null)
+                # python ignores SIGPIPE and SIGXFSZ; a recipe must get the default behaviour
+                for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(signum, signal.SIG_DFL)
                 os.chroot(self.root)
                 os.chdir(srcdir if os.path.isdir(srcdir) else "/")
                 try:
@@ -312,8 +316,8 @@ class Agent:
         results = _value(self.data, "BUILD_RESULTS", DEFAULT_RESULTS)
         if not results.startswith("/") or ".." in results.split("/"):
             raise AgentError(f"BUILD_RESULTS {results!r} is not an absolute path")
-        topdir = os.path.normpath(self.root + os.path.dirname(results))
-        if os.path.realpath(topdir) != topdir or not os.path.isdir(topdir):
+        topdir = os.path.normpath(os.path.realpath(self.root) + os.path.dirname(results))
+        if os.path.realpath(topdir) != topdir or not os.path.isdir(topdir):  # the build made it a link
             raise AgentError(f"{os.path.dirname(results)} is not a folder of the build root")
         self.save_statistics(os.path.join(topdir, STATISTICS_NAME))
         say("... statistics saved")

@@ -39,7 +39,12 @@ def say(message: str) -> None:
 def command(argv: Sequence[str], *, check: bool = True, env: dict[str, str] | None = None) -> int:
     """Run a command to completion with the console as stdout/stderr; raise AgentError when it fails."""
     try:
-        pid = os.posix_spawnp(argv[0], list(argv), env if env is not None else dict(os.environ))
+        pid = os.posix_spawnp(
+            argv[0],
+            list(argv),
+            env if env is not None else dict(os.environ),
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # python ignores them; commands must not
+        )
     except OSError as exc:
         if check:
             raise AgentError(f"{argv[0]}: {exc.strerror}") from exc

@@ -130,6 +130,8 @@ def test_success_returns_results_byte_exact_with_log_and_statistics(
     script = recipe(
         src,
         'test "$(pwd)" = /.build-srcdir\n'
+        "grep -q '^SigIgn:[[:space:]]*0*$' /proc/self/status\n"  # no signal ignored (SIGPIPE!)
+        "test -e /proc/1 && test -d /sys/block && test -c /dev/null && test -d /dev/pts && test -d /dev/shm\n"
         'mkdir -p "$BUILD_RESULTS/pkg/deep/er"\n'
         'cp input.bin "$BUILD_RESULTS/pkg/deep/er/big.bin"\n'
         'printf "hello\\n" > "$BUILD_RESULTS/pkg/hello.txt"\n'
