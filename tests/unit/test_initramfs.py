@@ -85,6 +85,19 @@ def test_modules_resolve_dependencies_first_and_skip_builtins(tmp_path: Path) ->
         index.resolve(["nosuchfs"])
 
 
+def test_soft_dependencies_resolve_through_aliases_preferring_generic(tmp_path: Path) -> None:
+    folder = tmp_path / "mods"
+    folder.mkdir()
+    (folder / "modules.dep").write_text(
+        "kernel/fs/xfs/xfs.ko: kernel/lib/libcrc32c.ko\nkernel/lib/libcrc32c.ko:\n"
+        "kernel/arch/x86/crypto/crc32c-intel.ko:\nkernel/crypto/crc32c_generic.ko:\n"
+    )
+    (folder / "modules.softdep").write_text("# comment\nsoftdep libcrc32c pre: crc32c post: nothing\n")
+    (folder / "modules.alias").write_text("alias crc32c crc32c_intel\nalias crc32c crc32c_generic\n")
+    order = [kmod.module_name(p) for p in kmod.ModuleIndex.load(folder).resolve(["xfs"])]
+    assert order == ["crc32c_generic", "libcrc32c", "xfs"]
+
+
 def test_compressed_modules_are_decompressed(tmp_path: Path) -> None:
     folder = fake_modules(tmp_path)
     assert kmod.module_bytes(folder / "kernel/fs/ext4/ext4.ko.xz") == b"module ext4.ko.xz"

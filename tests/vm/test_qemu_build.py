@@ -168,6 +168,19 @@ def test_success_returns_results_byte_exact_with_log_and_statistics(
     assert not list(tmp_path.glob("cloudbuild-*"))
 
 
+def test_xfs_root_boots_with_its_modules_and_returns_results(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    script = recipe(
+        tmp_path / "recipe",
+        "grep ' / xfs ' /proc/mounts || grep -q ' xfs ' /proc/mounts\n"
+        'dd if=/dev/urandom of="$BUILD_RESULTS/blob" bs=64k count=40 2>/dev/null\n',
+    )
+    proc = build(tmp_path, rootfs, cache, script, "--vm-disk-filesystem", "xfs")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "blob").stat().st_size == 40 * 65536
+
+
 def test_failing_recipe_gives_1_and_nothing_in_dest(tmp_path: Path, rootfs: Path, cache: Path) -> None:
     script = recipe(
         tmp_path / "recipe", 'echo partial > "$BUILD_RESULTS/partial"\necho "about to fail"\nexit 7\n'
