@@ -105,6 +105,33 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
     return None
 
 
+XEN_ELFNOTE_PHYS32_ENTRY = 18  # the PVH entry point qemu needs to boot an ELF kernel directly
+
+
+def has_pvh_note(elf: bytes) -> bool:
+    """Whether an x86-64 ELF kernel has the PVH entry note (CONFIG_PVH) qemu boots it through."""
+    if len(elf) < 64 or elf[:4] != ELF_MAGIC or elf[4] != 2:  # ELFCLASS64 only
+        return False
+    phoff = int.from_bytes(elf[32:40], "little")
+    phentsize = int.from_bytes(elf[54:56], "little")
+    phnum = int.from_bytes(elf[56:58], "little")
+    for index in range(min(phnum, 64)):
+        header = elf[phoff + index * phentsize : phoff + (index + 1) * phentsize]
+        if len(header) < 56 or int.from_bytes(header[0:4], "little") != 4:  # PT_NOTE
+            continue
+        offset = int.from_bytes(header[8:16], "little")
+        end = offset + int.from_bytes(header[32:40], "little")
+        while offset + 12 <= min(end, len(elf)):
+            namesz, descsz, kind = (
+                int.from_bytes(elf[offset + i : offset + i + 4], "little") for i in (0, 4, 8)
+            )
+            name = elf[offset + 12 : offset + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and kind == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            offset += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
 def bootable_kernel(kernel: Path, *, cache: Path | None = None) -> Path:
     """The uncompressed vmlinux of `kernel` from the cache (extracted on first use), else `kernel` itself."""
     st = kernel.stat()
@@ -114,8 +141,8 @@ def bootable_kernel(kernel: Path, *, cache: Path | None = None) -> Path:
     if target.exists():
         return target
     vmlinux = extract_vmlinux(kernel.read_bytes())
-    if vmlinux is None:
-        log.info("kernel has no extractable vmlinux, booting it as it is", kernel=str(kernel))
+    if vmlinux is None or not has_pvh_note(vmlinux):
+        log.info("kernel has no vmlinux with a PVH entry, booting it as it is", kernel=str(kernel))
         return kernel
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".vmlinux-")

@@ -119,8 +119,30 @@ def fake_bzimage(release: str, payload: bytes) -> bytes:
     return bytes(head) + b"junk" + payload + b"trailing junk"
 
 
+def fake_elf(*, pvh: bool = True) -> bytes:
+    """An ELF64 header, one PT_NOTE program header and a note ("Xen", type 18 = PVH entry)."""
+    note = (4).to_bytes(4, "little") + (8).to_bytes(4, "little") + (18 if pvh else 5).to_bytes(4, "little")
+    note += b"Xen\0" + (0x1000000).to_bytes(8, "little")
+    header = bytearray(64)
+    header[:5] = b"\x7fELF\x02"
+    header[32:40] = (64).to_bytes(8, "little")  # e_phoff
+    header[54:56] = (56).to_bytes(2, "little")  # e_phentsize
+    header[56:58] = (1).to_bytes(2, "little")  # e_phnum
+    phdr = bytearray(56)
+    phdr[0:4] = (4).to_bytes(4, "little")  # PT_NOTE
+    phdr[8:16] = (120).to_bytes(8, "little")  # p_offset
+    phdr[32:40] = len(note).to_bytes(8, "little")  # p_filesz
+    return bytes(header) + bytes(phdr) + note + os.urandom(3000)
+
+
+def test_pvh_note_detection() -> None:
+    assert kernel.has_pvh_note(fake_elf())
+    assert not kernel.has_pvh_note(fake_elf(pvh=False))
+    assert not kernel.has_pvh_note(b"\x7fELF" + os.urandom(100))
+
+
 def test_kernel_release_and_vmlinux_extraction(tmp_path: Path) -> None:
-    elf = b"\x7fELF" + os.urandom(5000)
+    elf = fake_elf()
     bz = tmp_path / "vmlinuz-ignored"
     bz.write_bytes(fake_bzimage("6.1.0-99-amd64", lzma.compress(elf, format=lzma.FORMAT_XZ)))
     assert kernel.kernel_release(bz) == "6.1.0-99-amd64"
