@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,4 +291,18 @@ def build_initramfs(
             cpio.close()
         os.replace(archive, target)
     log.info("built initramfs", initramfs=str(target), release=release, modules=len(ordered))
+    prune(folder)
     return target
+
+
+def prune(folder: Path, *, keep: int = 8, min_age: float = 3600.0) -> None:
+    """Remove old initramfs files (every agent change makes a new one), never one used recently:
+    a build resolves its initramfs before it boots it."""
+    files = sorted(folder.glob("initramfs-*.cpio"), key=lambda p: p.stat().st_mtime, reverse=True)
+    now = time.time()
+    for old in files[keep:]:
+        try:
+            if now - max(old.stat().st_mtime, old.stat().st_atime) > min_age:
+                old.unlink()
+        except OSError:
+            pass  # another build pruned it first

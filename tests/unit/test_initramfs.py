@@ -5,6 +5,7 @@ import lzma
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,16 @@ def test_build_root_kernel_boots_with_modules_copied_out_of_the_build_root(
     assert modules.is_dir()
     backend.cleanup()
     assert not (tmp_path / "work" / "boot").exists()
+
+
+def test_prune_keeps_the_newest_and_anything_recent(tmp_path: Path) -> None:
+    now = time.time()
+    for index in range(12):
+        path = tmp_path / f"initramfs-r-{index:02d}.cpio"
+        path.write_bytes(b"x")
+        age = 7200 + index * 60 if index < 10 else 10  # 10 old ones, 2 fresh ones
+        os.utime(path, (now - age, now - age))
+    initramfs.prune(tmp_path, keep=3)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # the two fresh ones, and the newest old one (keep=3 counts the fresh ones)
+    assert left == ["initramfs-r-00.cpio", "initramfs-r-10.cpio", "initramfs-r-11.cpio"]
