@@ -34,10 +34,9 @@ from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run, terminate, which
 from cloudbuild.volume import Role, VolumePair
-from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends import e2manifest
 from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import clear_killed, fuser_kill, run_machine, was_killed
+from local_backends.vmproc import boot_machine, clear_killed, fuser_kill
 
 log = get_logger(__name__)
 
@@ -138,26 +137,22 @@ class EmulatorBackend(Backend):
         folder = emulator_dir()
         argv = [str(script_path(self.options)), str(root), str(swap) if swap else ""]
         self._killed = False
-        console.write(f"booting emulator {argv[0]}...\n".encode())
-        watchdog = Watchdog(
-            console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
+        # at the timeout, also stop what the script started (stop=self.kill: whatever holds the image)
+        result = boot_machine(
+            argv,
+            console,
+            name=f"emulator {argv[0]}",
+            watchdog=self.options.watchdog,
+            timeout=timeout,
+            started=self._procs,
+            kill=self.kill,
+            killed=lambda: self._killed,
+            workdir=slot.workdir,
+            stop=self.kill,
+            cwd=folder if folder.is_dir() else None,
         )
-        watchdog.open()
-        exit_ = run_machine(
-            argv, watchdog, timeout=timeout, cwd=folder if folder.is_dir() else None, started=self._procs
-        )
-        watchdog.close()
-        if watchdog.fired:
-            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
-        if exit_.timed_out:
-            self.kill()
-            return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
-        if self._killed or was_killed(slot.workdir):
-            return BootResult(ExitReason.KILLED)
-        if exit_.returncode != 0:
-            return BootResult(
-                ExitReason.CRASHED, detail=f"the emulator returned with a failure ({exit_.returncode})"
-            )
+        if result.reason is not ExitReason.POWERED_OFF:
+            return result
         if not self.emulator_has_swap and pair.swap is not None:
             self.results_from_image(root, _path(pair.swap))
         return BootResult(ExitReason.POWERED_OFF)

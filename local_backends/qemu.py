@@ -27,18 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import terminate, which
 from cloudbuild.volume import VolumePair
-from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends import initramfs, kmod
 from local_backends.kernel import bootable_kernel, host_kernel, kernel_release
 from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import fuser_kill, run_machine
+from local_backends.vmproc import boot_machine, fuser_kill
 
 log = get_logger(__name__)
 
@@ -308,29 +307,18 @@ class QemuBackend(Backend):
     ) -> BootResult:
         self.pair = pair
         machine = self.machine(pair)
-        watchdog = Watchdog(
-            console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
-        )
         self._killed = False
-        watchdog.open()
-        console.write(f"booting {self.name}...\n".encode())
-        exit_ = run_machine(machine.argv(), watchdog, timeout=timeout, started=self._procs)
-        watchdog.close()
-        return self.exit_reason(exit_.returncode, timed_out=exit_.timed_out, watchdog=watchdog)
-
-    def exit_reason(self, returncode: int | None, *, timed_out: bool, watchdog: Watchdog) -> BootResult:
-        if watchdog.fired:
-            after = f" for {watchdog.timeout:g}s" if watchdog.timeout is not None else ""
-            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open{after}")
-        if timed_out:
-            return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
-        if self._killed:
-            return BootResult(ExitReason.KILLED)
-        if returncode != 0:
-            return BootResult(ExitReason.CRASHED, detail=f"{self.name} exited {returncode}")
-        if watchdog.panicked:
-            return BootResult(ExitReason.CRASHED, detail="kernel panic")
-        return BootResult(ExitReason.POWERED_OFF)
+        return boot_machine(
+            machine.argv(),
+            console,
+            name=self.name,
+            watchdog=self.options.watchdog,
+            timeout=timeout,
+            started=self._procs,
+            kill=self.kill,
+            killed=lambda: self._killed,
+            workdir=slot.workdir,
+        )
 
     def kill(self) -> None:
         """Stop the VM: our qemu process, else whatever holds the root image (fuser -k)."""

@@ -21,17 +21,16 @@ import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import terminate, which
 from cloudbuild.volume import VolumePair
-from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends import agentroot
 from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import clear_killed, fuser_kill, run_machine, was_killed
+from local_backends.vmproc import boot_machine, clear_killed, fuser_kill
 
 log = get_logger(__name__)
 
@@ -143,24 +142,18 @@ class UmlBackend(Backend):
         self.workdir = slot.workdir
         clear_killed(slot.workdir)
         argv = self.argv(pair)
-        watchdog = Watchdog(
-            console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
-        )
         self._killed = False
-        watchdog.open()
-        console.write(b"booting uml...\n")
-        exit_ = run_machine(argv, watchdog, timeout=timeout, started=self._procs)
-        watchdog.close()
-        if watchdog.fired:
-            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
-        if exit_.timed_out:
-            return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
-        if self._killed or was_killed(slot.workdir):
-            # stopped from outside: the swap's status (BUILDSTATUS1 from `cloudbuild kill`) decides
-            return BootResult(ExitReason.KILLED)
-        if exit_.returncode != 0 or watchdog.panicked:
-            return BootResult(ExitReason.CRASHED, detail=f"uml exited {exit_.returncode}")
-        return BootResult(ExitReason.POWERED_OFF)
+        return boot_machine(
+            argv,
+            console,
+            name="uml",
+            watchdog=self.options.watchdog,
+            timeout=timeout,
+            started=self._procs,
+            kill=self.kill,
+            killed=lambda: self._killed,
+            workdir=slot.workdir,
+        )
 
     def kill(self) -> None:
         self._killed = True

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from cloudbuild.backend import Console
+from cloudbuild.backend import BootResult, Console, ExitReason
 from cloudbuild.log import get_logger
 from cloudbuild.runner import Arg, run, spawn, terminate, which
+from cloudbuild.watchdog import Watchdog, watchdog_timeout
 
 log = get_logger(__name__)
 
@@ -96,6 +97,51 @@ def run_machine(
         if started is not None and proc in started:
             started.remove(proc)
     return ProcessExit(code)
+
+
+def boot_machine(
+    argv: Sequence[Arg],
+    console: Console,
+    *,
+    name: str,
+    watchdog: bool,
+    timeout: float | None,
+    started: list[subprocess.Popen[bytes]],
+    kill: Callable[[], None],
+    killed: Callable[[], bool],
+    workdir: Path | None,
+    stop: Callable[[], None] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Arg | None = None,
+) -> BootResult:
+    """Boot a one-process machine under the console watchdog and say how it ended.
+
+    The order of the verdicts matters: a watchdog or timeout kill also makes the process exit
+    non-zero, and a machine stopped by `cloudbuild kill` (here or from another process, seen
+    through the kill marker) leaves its status on swap, so it is KILLED, not CRASHED.
+    """
+    dog = Watchdog(console, timeout=watchdog_timeout() if watchdog else None, on_fire=kill)
+    dog.open()
+    console.write(f"booting {name}...\n".encode())
+    exit_ = run_machine(argv, dog, timeout=timeout, env=env, cwd=cwd, started=started, stop=stop)
+    dog.close()
+    return machine_outcome(exit_, dog, name=name, killed=killed() or was_killed(workdir))
+
+
+def machine_outcome(exit_: ProcessExit, dog: Watchdog, *, name: str, killed: bool) -> BootResult:
+    """How a machine ended, from its process' exit, the watchdog's view and whether we killed it."""
+    if dog.fired:
+        after = f" for {dog.timeout:g}s" if dog.timeout is not None else ""
+        return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open{after}")
+    if exit_.timed_out:
+        return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
+    if killed:
+        return BootResult(ExitReason.KILLED)
+    if exit_.returncode != 0:
+        return BootResult(ExitReason.CRASHED, detail=f"{name} exited {exit_.returncode}")
+    if dog.panicked:
+        return BootResult(ExitReason.CRASHED, detail="kernel panic")
+    return BootResult(ExitReason.POWERED_OFF)
 
 
 def fuser_kill(path: Path) -> bool:

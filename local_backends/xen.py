@@ -23,16 +23,15 @@ import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run, terminate, which
 from cloudbuild.volume import VolumePair
-from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import clear_killed, run_machine, was_killed
+from local_backends.vmproc import boot_machine, clear_killed
 
 log = get_logger(__name__)
 
@@ -220,30 +219,20 @@ class XenBackend(Backend):
                 console=xen_console,
             )
         )
-        watchdog = Watchdog(
-            console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
-        )
         self._killed = False
-        watchdog.open()
-        console.write(b"booting xen...\n")
         # at the timeout the domain is destroyed first; `xl create -c` (only its console) then ends
-        exit_ = run_machine(
-            self.argv(pair, config, name), watchdog, timeout=timeout, started=self._procs, stop=self.kill
+        return boot_machine(
+            self.argv(pair, config, name),
+            console,
+            name=f"{self.tool} create",
+            watchdog=self.options.watchdog,
+            timeout=timeout,
+            started=self._procs,
+            kill=self.kill,
+            killed=lambda: self._killed,
+            workdir=slot.workdir,
+            stop=self.kill,
         )
-        watchdog.close()
-        if watchdog.fired:
-            self.kill()
-        if watchdog.fired:
-            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
-        if exit_.timed_out:
-            return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
-        if self._killed or was_killed(slot.workdir):
-            return BootResult(ExitReason.KILLED)
-        if exit_.returncode != 0:
-            return BootResult(ExitReason.CRASHED, detail=f"{self.tool} create exited {exit_.returncode}")
-        if watchdog.panicked:
-            return BootResult(ExitReason.CRASHED, detail="kernel panic")
-        return BootResult(ExitReason.POWERED_OFF)
 
     def kill(self) -> None:
         """`xl destroy build_<id>` when it exists; idempotent."""

@@ -165,7 +165,7 @@ def test_an_emulator_that_fails_is_exit_3(emu: EmuEnv, rootfs: Path) -> None:
     options = emu.options(rootfs)
     outcome, _ = flow(create_backend(options), options, emu.tmp, recipe(emu.tmp / "src", "true\n"))
     assert outcome.exit_code == ExitCode.INFRA
-    assert "returned with a failure" in outcome.message
+    assert "exited 4" in outcome.message
 
 
 def test_without_swap_only_ext_filesystems(emu: EmuEnv, rootfs: Path) -> None:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cloudbuild.backend import BuildSlot, ExitReason
+from cloudbuild.backend import BootResult, BuildSlot, ExitReason
 from cloudbuild.errors import UsageError
 from cloudbuild.options import parse
 from cloudbuild.watchdog import Watchdog
 from local_backends.qemu import QemuBackend, QemuMachine, check_hugetlbfs
+from local_backends.vmproc import ProcessExit, machine_outcome
 
 
 def machine(**changes: object) -> QemuMachine:
@@ -70,16 +71,21 @@ def test_verify_refuses_missing_kernel_and_tiny_memory(tmp_path: Path) -> None:
 
 
 def test_exit_reasons() -> None:
-    backend = QemuBackend(parse(["--vm-type", "qemu"]))
     dog = Watchdog(lambda data: None, timeout=None, on_fire=lambda: None)  # type: ignore[arg-type]
-    assert backend.exit_reason(0, timed_out=False, watchdog=dog).reason is ExitReason.POWERED_OFF
-    assert backend.exit_reason(None, timed_out=True, watchdog=dog).reason is ExitReason.TIMEOUT
-    assert backend.exit_reason(1, timed_out=False, watchdog=dog).reason is ExitReason.CRASHED
+
+    def outcome(code: int | None, *, timed_out: bool = False, killed: bool = False) -> BootResult:
+        return machine_outcome(ProcessExit(code, timed_out=timed_out), dog, name="qemu", killed=killed)
+
+    assert outcome(0).reason is ExitReason.POWERED_OFF
+    assert outcome(None, timed_out=True).reason is ExitReason.TIMEOUT
+    assert (outcome(1).reason, outcome(1).detail) == (ExitReason.CRASHED, "qemu exited 1")
+    # stopped by `cloudbuild kill`: qemu's non-zero exit is no crash, the swap's status decides
+    assert outcome(1, killed=True).reason is ExitReason.KILLED
     dog.panicked = True
-    result = backend.exit_reason(0, timed_out=False, watchdog=dog)
+    result = outcome(0)
     assert (result.reason, result.detail) == (ExitReason.CRASHED, "kernel panic")
     dog.fired = True
-    assert backend.exit_reason(None, timed_out=False, watchdog=dog).reason is ExitReason.WATCHDOG
+    assert outcome(None).reason is ExitReason.WATCHDOG
 
 
 def test_volumes_follow_the_options(tmp_path: Path) -> None:
