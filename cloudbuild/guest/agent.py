@@ -22,6 +22,7 @@ Where things are (the contract with the host side, `cloudbuild/buildroot/stage.p
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -378,6 +379,7 @@ class Agent:
                 buildstatus.write(pathlib.Path(self.swap), status)
         except Exception as exc:
             say(f"cloudbuild agent: cannot write the build status: {exc}")
+        write_exit_file(self.root, status)
         os.sync()
         if self.config.root_device and not sysops.umount(self.root):
             sysops.umount(self.root, lazy=True)
@@ -385,6 +387,32 @@ class Agent:
         if self.config.poweroff and not self.config.container and not sysops.in_container():
             sysops.power_off()
         return status
+
+
+def write_exit_file(root: str, status: int) -> None:
+    """obs-build's /.build/_exitcode: the status for machines without a swap channel.
+
+    The recipe had write access to /.build, so the file is written without following links:
+    a planted symlink must not redirect the write (in the chroot backend it would hit the host).
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        build_dir = os.open(os.path.join(root, ".build"), flags)
+    except OSError as exc:
+        say(f"cloudbuild agent: no /.build to leave the exit code in: {exc}")
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink("_exitcode", dir_fd=build_dir)
+        fd = os.open("_exitcode", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=build_dir)
+        try:
+            os.write(fd, f"{status}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        say(f"cloudbuild agent: cannot write /.build/_exitcode: {exc}")
+    finally:
+        os.close(build_dir)
 
 
 def _remove_planted(path: str) -> None:

@@ -170,3 +170,22 @@ def test_agent_without_build_data_reports_an_infrastructure_failure(tmp_path: Pa
     assert "cannot read" in proc.stdout
     assert buildstatus.read(swap) == 3
     assert hashlib.sha256(swap.read_bytes()[12:]).digest() == hashlib.sha256(b"\0" * (4096 - 12)).digest()
+
+
+def test_exit_file_is_written_for_swapless_machines_without_following_planted_links(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / ".build").mkdir(parents=True)
+    victim = tmp_path / "host-file"
+    victim.write_text("precious\n")
+    (root / ".build" / "_exitcode").symlink_to(victim)
+    agent.write_exit_file(str(root), 1)
+    assert victim.read_text() == "precious\n"
+    exit_file = root / ".build" / "_exitcode"
+    assert not exit_file.is_symlink() and exit_file.read_text() == "1\n"
+    # a /.build that is itself a planted link gets nothing written through it
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "outside").mkdir()
+    (other / ".build").symlink_to(other / "outside")
+    agent.write_exit_file(str(other), 0)
+    assert list((other / "outside").iterdir()) == []
