@@ -9,7 +9,6 @@ STDLIB ONLY: the guest agent imports this inside the build machine. Warnings go 
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import io
 import os
@@ -18,7 +17,10 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import argparse
 
 from cloudbuild.disk import manifest
 from cloudbuild.disk.manifest import WriteFormat
@@ -368,6 +370,8 @@ def _read_names(stream: BinaryIO, sep: bytes) -> Iterator[bytes]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # only for the command line: the guest agent imports this module at every boot
+
     parser = argparse.ArgumentParser(
         prog="cloudbuild blocklist",
         description="Write the blocklist manifest of result files (obs-build's computeblocklists).",
