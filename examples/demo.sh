@@ -3,39 +3,24 @@
 #
 #   sudo examples/demo.sh            (Debian 12 / Ubuntu 22.04+, as root: it mounts disk images)
 #
-# 1. installs what it needs: qemu, a kernel with modules, busybox-static, e2fsprogs, python3-venv
-# 2. makes a virtualenv with cloudbuild (pip install -e .) unless $CLOUDBUILD_VENV has one
-# 3. makes a minimal build root (busybox) and builds examples/hello in a qemu VM (TCG: no KVM
+# 1. installs what it needs (scripts/setup): qemu, a kernel with modules, busybox-static, e2fsprogs,
+#    and a virtualenv .venv with cloudbuild in it
+# 2. makes a minimal build root (busybox) and builds examples/hello in a qemu VM (TCG: no KVM
 #    needed; add KVM=1 to use --vm-type kvm where hardware virtualisation is available)
-# 4. prints where the results, the build log and the statistics are
+# 3. prints where the results, the build log and the statistics are
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${DEMO_DIR:-/var/tmp/cloudbuild-demo}
-venv=${CLOUDBUILD_VENV:-$here/.venv}
-packages="qemu-system-x86 linux-image-amd64 busybox-static e2fsprogs python3 python3-venv psmisc"
+venv=$here/.venv
 
 if [ "$(id -u)" != 0 ]; then
     echo "run me as root (sudo $0): building mounts disk images" >&2
     exit 1
 fi
 
-missing=""
-for pkg in $packages; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$missing $pkg"
-done
-if [ -n "$missing" ]; then
-    echo "== installing:$missing"
-    apt-get update
-    # shellcheck disable=SC2086
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
-fi
-
-if [ ! -x "$venv/bin/cloudbuild" ]; then
-    echo "== virtualenv $venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q -e "$here"
-fi
+echo "== installing what a local build needs (scripts/setup)"
+"$here/scripts/setup"
 
 rm -rf "$work"
 mkdir -p "$work"
