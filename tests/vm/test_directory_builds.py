@@ -1,4 +1,6 @@
-"""Real LXC builds (`--vm-type lxc`) through the `cloudbuild` command; no container may outlive a test."""
+"""Real builds of the directory-channel backends through the `cloudbuild` command, the same cases for each:
+chroot (`--vm-type none`: unshare + chroot on this host) and LXC. No process, mount or container
+may outlive a test."""
 
 from __future__ import annotations
 
@@ -26,21 +28,27 @@ from tests.vm.localbuild import (
 pytestmark = pytest.mark.vm
 rootfs = localbuild.rootfs
 cache = localbuild.cache
-VM = "lxc"
+# lxc also gets a memory limit: its cgroup setting is part of what must work
+EXTRA_ARGS = {"none": (), "lxc": ("--vm-memory", "256")}
+
+
+@pytest.fixture(params=sorted(EXTRA_ARGS))
+def vm(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture(autouse=True)
 def nothing_left(tmp_path: Path) -> Iterator[None]:
     yield
     assert mounts_under(tmp_path) == []
-    assert list(tmp_path.glob("cloudbuild-*")) == []  # lxcpath with the container is gone too
+    assert list(tmp_path.glob("cloudbuild-*")) == []  # work folder (and lxcpath with the container) gone
     left = processes_mentioning(str(tmp_path))
     for pid in left:
         os.kill(pid, 9)
     assert left == []
 
 
-def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache: Path, vm: str) -> None:
     src = tmp_path / "src"
     src.mkdir()
     data = os.urandom(2 * 1024 * 1024 + 7)
@@ -56,7 +64,7 @@ def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache:
         "if echo h > /proc/sysrq-trigger 2>/dev/null; then echo sysrq writable; exit 9; fi\n"
         "echo built in $(pwd)\n",
     )
-    proc = cli_build(tmp_path, cache, VM, rootfs, script, "--vm-memory", "256")
+    proc = cli_build(tmp_path, cache, vm, rootfs, script, *EXTRA_ARGS[vm])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(tmp_path / "out") == {
         "RPMS": "d",
@@ -71,13 +79,13 @@ def test_success_returns_results_byte_exact(tmp_path: Path, rootfs: Path, cache:
 
 
 def test_planted_links_and_special_files_never_reach_the_host(
-    tmp_path: Path, rootfs: Path, cache: Path
+    tmp_path: Path, rootfs: Path, cache: Path, vm: str
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
     data = os.urandom(100_000)
     (src / "input.bin").write_bytes(data)
-    proc = cli_build(tmp_path, cache, VM, rootfs, recipe(src, HOSTILE_RECIPE))
+    proc = cli_build(tmp_path, cache, vm, rootfs, recipe(src, HOSTILE_RECIPE))
     assert proc.returncode == 0, proc.stderr[-3000:]
     busybox = (rootfs / "bin" / "busybox").read_bytes()
     assert tree(tmp_path / "out") == hostile_expected(sha(data), sha(busybox))
@@ -85,37 +93,39 @@ def test_planted_links_and_special_files_never_reach_the_host(
         assert skipped in proc.stderr  # each one is named in a warning
 
 
-def test_a_symlinked_results_folder_is_refused(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+def test_a_symlinked_results_folder_is_refused(tmp_path: Path, rootfs: Path, cache: Path, vm: str) -> None:
     script = recipe(tmp_path / "src", "rm -rf $BUILD_RESULTS\nln -s /etc $BUILD_RESULTS\n")
-    proc = cli_build(tmp_path, cache, VM, rootfs, script)
+    proc = cli_build(tmp_path, cache, vm, rootfs, script)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
 def test_a_failing_recipe_fails_the_build_and_extracts_nothing(
-    tmp_path: Path, rootfs: Path, cache: Path
+    tmp_path: Path, rootfs: Path, cache: Path, vm: str
 ) -> None:
     script = recipe(
         tmp_path / "src", "mkdir -p $BUILD_RESULTS/RPMS\necho x > $BUILD_RESULTS/RPMS/x\nexit 7\n"
     )
-    proc = cli_build(tmp_path, cache, VM, rootfs, script)
+    proc = cli_build(tmp_path, cache, vm, rootfs, script)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 
-def test_the_build_timeout_stops_everything(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+def test_the_build_timeout_stops_everything(tmp_path: Path, rootfs: Path, cache: Path, vm: str) -> None:
     script = recipe(tmp_path / "src", "sleep 1000\n")
-    proc = cli_build(tmp_path, cache, VM, rootfs, script, "--build-timeout", "3")
+    proc = cli_build(tmp_path, cache, vm, rootfs, script, "--build-timeout", "3")
     assert proc.returncode == 3, proc.stderr[-3000:]
 
 
-def test_cloudbuild_kill_stops_the_build_which_then_fails(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+def test_cloudbuild_kill_stops_the_build_which_then_fails(
+    tmp_path: Path, rootfs: Path, cache: Path, vm: str
+) -> None:
     script = recipe(tmp_path / "src", "touch $BUILD_RESULTS/started\nsleep 1000\n")
-    build = spawn_build(tmp_path, cache, VM, rootfs, script, "--build-id", "killme")
+    build = spawn_build(tmp_path, cache, vm, rootfs, script, "--build-id", "killme")
     try:
         wait_for_file(str(tmp_path / "cloudbuild-killme-*/root/.build.out/results/started"))
-        killed = cli_kill(tmp_path, cache, VM, "killme")
+        killed = cli_kill(tmp_path, cache, vm, "killme")
         assert killed.returncode == 0, killed.stderr
         _, stderr = build.communicate(timeout=60)
     finally:
@@ -123,29 +133,25 @@ def test_cloudbuild_kill_stops_the_build_which_then_fails(tmp_path: Path, rootfs
             build.kill()
     assert build.returncode == 1, stderr[-3000:]
     assert not (tmp_path / "out").exists()
-    again = cli_kill(tmp_path, cache, VM, "killme")
+    again = cli_kill(tmp_path, cache, vm, "killme")
     assert again.returncode == 0 and "no build killme is running" in again.stderr
 
 
-def test_container_config_keeps_the_build_away_from_the_host(tmp_path: Path) -> None:
-    from cloudbuild.errors import UsageError
-    from local_backends.lxc import container_config
+# chroot only
 
-    text = container_config(
-        name="cloudbuild-b1",
-        tree=Path("/cache/tree"),
-        buildroot=tmp_path / "root",
-        status_dir=tmp_path / "st",
-        memory_mib=512,
-    )
-    lines = text.splitlines()
-    assert "lxc.rootfs.path = dir:/cache/tree" in lines and "lxc.rootfs.options = ro" in lines
-    assert f"lxc.mount.entry = {tmp_path / 'root'} mnt/buildroot none bind,create=dir 0 0" in lines
-    assert "lxc.net.0.type = empty" in lines
-    assert any(line.startswith("lxc.cap.drop = ") and "sys_boot" in line for line in lines)
-    assert "--no-poweroff" in next(line for line in lines if line.startswith("lxc.init.cmd"))
-    assert "lxc.cgroup.memory.limit_in_bytes = 512M" in lines
-    with pytest.raises(UsageError, match="white space"):
-        container_config(
-            name="x", tree=Path("/a b"), buildroot=tmp_path, status_dir=tmp_path, memory_mib=None
-        )
+
+def test_chroot_is_reachable_as_vm_type_chroot_too(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    script = recipe(tmp_path / "src", "echo ok > $BUILD_RESULTS/ok\n")
+    proc = cli_build(tmp_path, cache, "chroot", rootfs, script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "ok").read_text() == "ok\n"
+
+
+def test_the_watchdog_stops_a_build_that_hangs_in_a_marked_section(
+    tmp_path: Path, rootfs: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLOUDBUILD_WATCHDOG_TIMEOUT", "2")
+    script = recipe(tmp_path / "src", "echo '### WATCHDOG MARKER START ###'\nsleep 1000\n")
+    proc = cli_build(tmp_path, cache, "none", rootfs, script, "--vm-watchdog")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "WATCHDOG TRIGGERED" in (tmp_path / "out.log").read_text()
