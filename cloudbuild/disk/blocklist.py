@@ -179,7 +179,8 @@ class _Skip:
     warning: str
 
 
-_Described = tuple[bytes, bytes, int] | _Skip | None
+_Line = tuple[bytes, bytes, int, int | None]  # line, name, mtime, mode (None: a symlink)
+_Described = _Line | _Skip | None
 
 
 class _Describer:
@@ -229,9 +230,9 @@ class _Describer:
             problem = manifest.symlink_problem(name, target)
             if problem:
                 return _Skip(f"{_show(name)}: bad symlink ({_show(target)}): {problem}, ignored")
-            return manifest.symlink_line(name, target, mtime=line_mtime), name, mtime
+            return manifest.symlink_line(name, target, mtime=line_mtime), name, mtime, None
         if stat.S_ISDIR(mode):
-            return manifest.dir_line(name, mtime=line_mtime), name, mtime
+            return manifest.dir_line(name, mtime=line_mtime), name, mtime, mode
         if not stat.S_ISREG(mode):
             return _Skip(f"{_show(name)}: unsupported file type, ignored")
         # O_NONBLOCK: had it become a fifo since the lstat, opening it must not hang
@@ -241,7 +242,7 @@ class _Describer:
             if not stat.S_ISREG(st.st_mode):
                 return _Skip(f"{_show(name)}: unsupported file type, ignored")
             if st.st_size == 0:
-                return manifest.file_line(name, 0, 0, (), mtime=line_mtime), name, mtime
+                return manifest.file_line(name, 0, 0, (), mtime=line_mtime), name, mtime, st.st_mode
             bsize = self._bsize.get(st.st_dev)
             if bsize is None:
                 bsize = self._bsize[st.st_dev] = block_size(fd)
@@ -249,7 +250,8 @@ class _Describer:
                 extents = file_extents(fd, st.st_size, bsize, use_fibmap=self.use_fibmap)
             except BlocklistError as exc:
                 raise BlocklistError(f"{_show(name)}: {exc}") from None
-            return manifest.file_line(name, st.st_size, bsize, extents, mtime=line_mtime), name, mtime
+            line = manifest.file_line(name, st.st_size, bsize, extents, mtime=line_mtime)
+            return line, name, mtime, st.st_mode
         finally:
             os.close(fd)
 
@@ -257,12 +259,13 @@ class _Describer:
 def manifest_lines(
     paths: Iterable[bytes | str],
     *,
-    fmt: WriteFormat = "obs+mtimes",
+    fmt: WriteFormat = manifest.DEFAULT_WRITE_FORMAT,
     verbose: int = 0,
     use_fibmap: bool = False,
     dir_fd: int | None = None,
-) -> Iterator[tuple[bytes, bytes, int]]:
-    """(line, name, mtime) for each path that goes into the manifest, in the given order.
+) -> Iterator[_Line]:
+    """(line, name, mtime, st_mode) for each path that goes into the manifest, in the given order
+    (st_mode is None for a symlink: it has no mode to restore).
 
     Paths are relative (like `find RPMS SRPMS OTHER`), to the current directory or `dir_fd`.
     A symlink whose target would leave the tree, or a special file, is skipped with a warning
@@ -278,7 +281,7 @@ def manifest_lines(
     written: set[bytes] = set()
     dirs: set[bytes] = set()
 
-    def emit(name: bytes) -> tuple[bytes, bytes, int] | None:
+    def emit(name: bytes) -> _Line | None:
         result = describer.describe(name)
         if result is None:
             return None
@@ -325,13 +328,14 @@ def write_manifest(
     padstart: int = 0,
     padend: int = 0,
     verbose: int = 0,
-    fmt: WriteFormat = "obs+mtimes",
+    fmt: WriteFormat = manifest.DEFAULT_WRITE_FORMAT,
     use_fibmap: bool = False,
     dir_fd: int | None = None,
 ) -> int:
     """Write the manifest of `paths` to `out`: `padstart` newlines (room for the build status),
-    the entries, the terminating empty line (then the mtime trailer for `obs+mtimes`), `padend`
-    newlines. Returns the number of entries. `obs` output is byte-identical to computeblocklists'.
+    the entries, the terminating empty line (then the mtime trailer for `obs+mtimes`, the mtime
+    and the mode trailer for `obs+meta`), `padend` newlines. Returns the number of entries.
+    `obs` output is byte-identical to computeblocklists'.
 
     Note that `padend` newlines already terminate the manifest (as in obs-build); with `padend=0`
     and format `obs`, nothing terminates it but the end of `out`.
@@ -341,14 +345,19 @@ def write_manifest(
     out.write(b"\n" * padstart)
     out.write(manifest.header(fmt))
     mtimes: list[tuple[bytes, int]] = []
+    modes: list[tuple[bytes, int]] = []
     count = 0
-    for line, name, mtime in manifest_lines(
+    for line, name, mtime, mode in manifest_lines(
         paths, fmt=fmt, verbose=verbose, use_fibmap=use_fibmap, dir_fd=dir_fd
     ):
         out.write(line)
         mtimes.append((name, mtime))
+        if mode is not None:
+            modes.append((name, mode))
         count += 1
-    if fmt == "obs+mtimes":
+    if fmt == "obs+meta":
+        out.write(b"\n" + manifest.mtime_trailer(mtimes) + manifest.mode_trailer(modes))
+    elif fmt == "obs+mtimes":
         out.write(b"\n" + manifest.mtime_trailer(mtimes))
     elif fmt == "mtime":
         out.write(b"\n")
@@ -384,9 +393,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format",
         choices=manifest.WRITE_FORMATS,
-        default="obs+mtimes",
-        help="obs: exactly computeblocklists' output; obs+mtimes (default): plus an mtime trailer that "
-        "extractbuild ignores; mtime: inline mtimes (cloudbuild extract only)",
+        default=manifest.DEFAULT_WRITE_FORMAT,
+        help="obs: exactly computeblocklists' output; obs+meta (default): plus mtime and mode trailers "
+        "that extractbuild ignores; obs+mtimes: plus the mtime trailer only; mtime: inline mtimes "
+        "(cloudbuild extract only)",
     )
     parser.add_argument("--fibmap", action="store_true", help="use FIBMAP instead of FIEMAP")
     parser.add_argument("files", nargs="*", metavar="FILE", help="names to list before those of --manifest")

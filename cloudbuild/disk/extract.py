@@ -5,8 +5,10 @@ wrote onto the swap disk, never mounting a filesystem the guest wrote. The manif
 input: `cloudbuild.disk.manifest` parses it strictly; here every entry is created below a private
 staging directory through directory file descriptors (mkdirat/openat with O_EXCL|O_NOFOLLOW,
 symlinkat), every read is bounded by the disk, every byte written by `max_size`, and only a
-complete extraction is moved into the destination. Anything wrong raises UntrustedData (exit 3)
-and leaves nothing new in the destination. docs/results.md has the threat model.
+complete extraction is moved into the destination. Mtimes and permission bits (0777 only, never
+setuid/setgid/sticky) come from the manifest's trailers; directory modes are set last. Anything
+wrong raises UntrustedData (exit 3) and leaves nothing new in the destination. docs/results.md
+has the threat model.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _PREFETCH_BYTES = 256 << 20  # disk bytes announced ahead
 _PREFETCH_TEXT = 4 << 20  # extent text held ahead
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CHMOD_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a file we wrote, to fchmod
 # errors the manifest's content can provoke while creating entries (the rest are the host's)
 _CONTENT_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL}
 
@@ -177,10 +180,31 @@ def _show(name: bytes) -> str:
     return repr(name.decode("utf-8", "backslashreplace")[:200])
 
 
+def _chmod(parent_fd: int, base: bytes, mode: int, flags: int) -> None:
+    """fchmod through an O_NOFOLLOW fd: never through a symlink, no /proc needed."""
+    fd = os.open(base, flags, dir_fd=parent_fd)
+    try:
+        os.fchmod(fd, mode & manifest.PERMISSIONS)
+    finally:
+        os.close(fd)
+
+
 def _os_error(exc: OSError, what: str) -> CloudbuildError:
     if exc.errno in _CONTENT_ERRNOS:
         return UntrustedData(f"{what}: {exc.strerror}")
     return InfraError(f"{what}: {exc.strerror}")
+
+
+@dataclass
+class Staged:
+    """What is left to do once the entries exist: move `top` (the top-level names, in manifest
+    order) into place, then restore the top-level `mtimes` (a move may touch a directory) and
+    the directory modes `dir_modes` (deepest first; kept until the very end so that every
+    directory stays writable and traversable while anything is still created or moved)."""
+
+    top: list[bytes]
+    mtimes: dict[bytes, int]
+    dir_modes: list[tuple[bytes, int]]
 
 
 def extract_into(
@@ -192,12 +216,12 @@ def extract_into(
     dialect: Dialect = "auto",
     limits: Limits = DEFAULT_LIMITS,
     verbose: int = 0,
-) -> tuple[ExtractReport, list[bytes], dict[bytes, int]]:
-    """Create the manifest's entries below the (empty, private) directory `root_fd`.
+) -> tuple[ExtractReport, Staged]:
+    """Create the manifest's entries below the (empty, private) directory `root_fd`, with their
+    mtimes and the modes of files (directory modes are left to the caller, see `Staged`).
 
-    Returns the report, the top-level names in manifest order and their mtimes (to restore
-    after moving them). Raises UntrustedData on anything hostile or malformed; the caller owns
-    the cleanup of `root_fd`'s contents.
+    Raises UntrustedData on anything hostile or malformed; the caller owns the cleanup of
+    `root_fd`'s contents.
     """
     started = time.monotonic()
     tree = _Tree(root_fd)
@@ -205,10 +229,21 @@ def extract_into(
     files = dirs = symlinks = total = copied = 0
     top: list[bytes] = []
     late_mtimes: list[tuple[bytes, int]] = []  # directories and trailer entries: set at the very end
+    dir_modes: list[tuple[bytes, int]] = []
     try:
         for entry in _prefetched(manifest.parse(stream, dialect=dialect, limits=limits), disk):
             if isinstance(entry, manifest.Mtime):
                 late_mtimes.append((entry.name, entry.mtime))
+                continue
+            if isinstance(entry, manifest.Mode):
+                if entry.directory:
+                    dir_modes.append((entry.name, entry.mode & manifest.PERMISSIONS))
+                    continue
+                parent, base = _split(entry.name)
+                try:  # the file is complete (trailers follow all entries): its mode can be set now
+                    _chmod(tree.fd(parent), base, entry.mode, _CHMOD_FLAGS)
+                except OSError as exc:
+                    raise _os_error(exc, f"setting the mode of {_show(entry.name)}") from None
                 continue
             parent, base = _split(entry.name)
             if not parent:
@@ -248,8 +283,9 @@ def extract_into(
                 top_mtimes[name] = mtime
     finally:
         tree.close()
+    dir_modes.sort(key=lambda item: item[0].count(b"/"), reverse=True)  # deepest first (stable)
     report = ExtractReport(files, dirs, symlinks, total, copied, time.monotonic() - started)
-    return report, top, top_mtimes
+    return report, Staged(top, top_mtimes, dir_modes)
 
 
 def _announce(disk: DiskSource, entry: manifest.File, budget: int) -> int:
@@ -370,9 +406,8 @@ def _staging_dir(dest: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=".cloudbuild-extract-", dir=dest))
 
 
-def _move_into_place(
-    staging_fd: int, dest_fd: int, dest: Path, top: list[bytes], mtimes: dict[bytes, int]
-) -> None:
+def _move_into_place(staging_fd: int, dest_fd: int, dest: Path, staged: Staged) -> None:
+    top = staged.top
     for name in top:
         try:
             os.lstat(name, dir_fd=dest_fd)
@@ -384,8 +419,18 @@ def _move_into_place(
         for name in top:
             _rename_noreplace(staging_fd, name, dest_fd)
             moved.append(name)
-        for name, mtime in mtimes.items():  # moving a directory may touch it
+        for name, mtime in staged.mtimes.items():  # moving a directory may touch it
             os.utime(name, ns=_ns(mtime), dir_fd=dest_fd, follow_symlinks=False)
+        # directory modes last, deepest first: until here every directory stays writable and
+        # traversable (a read-only directory could neither be filled nor moved by a non-root
+        # extractor); changing a mode changes no mtime
+        tree = _Tree(dest_fd)
+        try:
+            for name, mode in staged.dir_modes:
+                parent, base = _split(name)
+                _chmod(tree.fd(parent), base, mode, _DIR_FLAGS)
+        finally:
+            tree.close()
     except OSError as exc:
         for name in reversed(moved):  # all or nothing: take back what was moved
             os.rename(name, name, src_dir_fd=dest_fd, dst_dir_fd=staging_fd)
@@ -414,12 +459,12 @@ def extract_stream(
     staging_fd = -1
     try:
         staging_fd = os.open(staging, _DIR_FLAGS)
-        report, top, mtimes = extract_into(
+        report, staged = extract_into(
             disk, stream, staging_fd, max_size=limit, dialect=dialect, limits=limits, verbose=verbose
         )
         dest_fd = os.open(dest, _DIR_FLAGS)
         try:
-            _move_into_place(staging_fd, dest_fd, dest, top, mtimes)
+            _move_into_place(staging_fd, dest_fd, dest, staged)
         finally:
             os.close(dest_fd)
     finally:
@@ -528,8 +573,8 @@ def _parser() -> argparse.ArgumentParser:
         "--manifest-format",
         choices=manifest.DIALECTS,
         default="auto",
-        help="auto (default): obs lines (mtime trailer honoured) unless a '%%format mtime' header says "
-        "inline mtimes; obs; mtime: inline-mtime lines even without the header",
+        help="auto (default): obs lines (mtime and mode trailers honoured) unless a '%%format mtime' "
+        "header says inline mtimes; obs; mtime: inline-mtime lines even without the header",
     )
     return parser
 

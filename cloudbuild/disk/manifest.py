@@ -17,11 +17,16 @@ inclusive (a missing start offset is 0, a missing end is the start block, a miss
 BLKSIZE-1). A run that starts at disk byte 0 is a hole. NAME and TARGET escape the bytes
 0x00-0x1f, space and ``%`` as ``%XX`` (upper-case hex).
 
-Two cloudbuild extensions carry modification times (obs-build's manifests have none):
+cloudbuild extensions carry modification times and permissions (obs-build's manifests have
+neither):
 
-* the *mtime trailer*: after the terminating empty line, a line ``%mtimes`` then ``NAME MTIME``
-  lines and an empty line. obs-build's extractbuild stops at the first empty line and never sees
-  it, so a manifest with a trailer is still an obs-build manifest.
+* *trailers*: after the terminating empty line, a sequence of trailers, each a marker line, its
+  ``NAME VALUE`` lines and an empty line: ``%mtimes`` (``NAME MTIME``, any entry) and ``%modes``
+  (``NAME MODE``, files and directories; MODE is four octal digits, only the ``0777`` bits are
+  used). Each trailer at most once, each name at most once per trailer. obs-build's extractbuild
+  stops at the first empty line and never sees them, so a manifest with trailers is still an
+  obs-build manifest; the writer puts ``%mtimes`` first, so a cloudbuild that knows only that
+  trailer (it stops after it) reads the manifest as before.
 * the *inline* generation: a first line ``%format mtime``, then ``d NAME MTIME``,
   ``l NAME MTIME TARGET``, ``f NAME MTIME 0`` / ``f NAME MTIME SIZE BLKSIZE EXTENT...``.
   obs-build's extractbuild refuses it on its first line, before creating anything.
@@ -44,22 +49,27 @@ MIB = 1024 * 1024
 
 Dialect = Literal["auto", "obs", "mtime"]
 """How to read a manifest: `auto` (``%format mtime`` header selects inline mtimes, else obs lines
-with an optional mtime trailer), `obs` (obs lines only), `mtime` (inline mtime lines, header optional)."""
+with optional mtime and mode trailers), `obs` (obs lines only), `mtime` (inline mtime lines, header optional)."""
 
-WriteFormat = Literal["obs", "obs+mtimes", "mtime"]
-"""What to write: `obs` (byte-identical to computeblocklists), `obs+mtimes` (obs lines and the mtime
-trailer: readable by every extractbuild, mtimes restored by cloudbuild), `mtime` (inline generation)."""
+WriteFormat = Literal["obs", "obs+meta", "obs+mtimes", "mtime"]
+"""What to write: `obs` (byte-identical to computeblocklists), `obs+meta` (obs lines, the mtime and
+the mode trailer: readable by every extractbuild, mtimes and modes restored by cloudbuild; the
+default), `obs+mtimes` (obs lines and the mtime trailer only), `mtime` (inline generation, no modes)."""
 
-WRITE_FORMATS: tuple[WriteFormat, ...] = ("obs", "obs+mtimes", "mtime")
+WRITE_FORMATS: tuple[WriteFormat, ...] = ("obs", "obs+meta", "obs+mtimes", "mtime")
+DEFAULT_WRITE_FORMAT: WriteFormat = "obs+meta"
 DIALECTS: tuple[Dialect, ...] = ("auto", "obs", "mtime")
 
 HEADER_MTIME = b"%format mtime"
 TRAILER_MTIMES = b"%mtimes"
+TRAILER_MODES = b"%modes"
+TRAILERS = (TRAILER_MTIMES, TRAILER_MODES)
 
 MIN_BLKSIZE = 512
 MAX_BLKSIZE = 65536
 MAX_NUMBER = (1 << 63) - 1
 MAX_MTIME = 10**11 - 1  # year 5138: far enough, small enough for every utime()
+PERMISSIONS = 0o777  # the mode bits restored: never setuid, setgid or sticky
 NAME_MAX = 255
 PATH_MAX = 4095
 
@@ -120,7 +130,20 @@ class Mtime:
     mtime: int
 
 
-Entry = Dir | Symlink | File | Mtime
+@dataclass(frozen=True)
+class Mode:
+    """From the mode trailer: give the file or directory `name` the permission bits `mode`.
+
+    `mode` is already masked to PERMISSIONS (a claimed setuid/setgid/sticky bit is dropped);
+    `directory` tells a directory (mode applied at the very end, deepest first) from a file.
+    """
+
+    name: bytes
+    mode: int
+    directory: bool
+
+
+Entry = Dir | Symlink | File | Mtime | Mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,9 +288,18 @@ def file_line(
 
 
 def mtime_trailer(mtimes: Iterable[tuple[bytes, int]]) -> bytes:
-    """The trailer written after the terminating empty line (obs+mtimes format)."""
+    """The mtime trailer written after the terminating empty line (obs+meta, obs+mtimes)."""
     lines = [TRAILER_MTIMES + b"\n"]
     lines.extend(b"%s %d\n" % (escape(name), mtime) for name, mtime in mtimes)
+    lines.append(b"\n")
+    return b"".join(lines)
+
+
+def mode_trailer(modes: Iterable[tuple[bytes, int]]) -> bytes:
+    """The mode trailer (obs+meta): files and directories only, the PERMISSIONS bits as four octal
+    digits (e.g. ``0755``). Written after the mtime trailer."""
+    lines = [TRAILER_MODES + b"\n"]
+    lines.extend(b"%s %04o\n" % (escape(name), mode & PERMISSIONS) for name, mode in modes)
     lines.append(b"\n")
     return b"".join(lines)
 
@@ -280,6 +312,8 @@ _EXTENT = re.compile(
     rb"(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?(?:-(0|[1-9][0-9]{0,18})(?::(0|[1-9][0-9]{0,18}))?)?"
 )
 _RAW_CONTROL = re.compile(rb"[\x00-\x1f]")
+_MODE = re.compile(rb"[0-7]{4}")
+_OCTAL = re.compile(rb"[0-7]{1,24}")
 
 
 def _number(token: bytes, what: str, maximum: int = MAX_NUMBER) -> int:
@@ -289,6 +323,15 @@ def _number(token: bytes, what: str, maximum: int = MAX_NUMBER) -> int:
     if value > maximum:
         raise UntrustedData(f"manifest: {what} {value} out of range")
     return value
+
+
+def _mode(token: bytes) -> int:
+    """Four octal digits 0000..7777, masked to PERMISSIONS."""
+    if not _MODE.fullmatch(token):
+        if _OCTAL.fullmatch(token) and int(token, 8) > 0o7777:
+            raise UntrustedData(f"manifest: mode {_show(token)} out of range (0000..7777)")
+        raise UntrustedData(f"manifest: bad mode {_show(token)} (four octal digits)")
+    return int(token, 8) & PERMISSIONS
 
 
 class _Reader:
@@ -301,16 +344,18 @@ class _Reader:
         self.consumed = 0
         self.lineno = 0
 
-    def probe(self, expected: bytes) -> bool:
-        """Whether the next bytes are `expected` (consumed if so); never fails on what is there."""
-        if self.consumed + len(expected) > self._limits.max_manifest:
-            return False
-        got = self._stream.read(len(expected))
-        self.consumed += len(got)
-        if got != expected:
-            return False
+    def marker(self, known: tuple[bytes, ...]) -> bytes | None:
+        """The next line if it is one of the `known` marker lines (consumed), else None; never
+        fails on what is there (the pad, old swap contents: at most one short line is read)."""
+        budget = min(max(len(m) for m in known) + 1, self._limits.max_manifest - self.consumed)
+        if budget <= 0:
+            return None
+        raw = self._stream.readline(budget)
+        self.consumed += len(raw)
+        if not raw.endswith(b"\n") or raw[:-1] not in known:
+            return None
         self.lineno += 1
-        return True
+        return raw[:-1]
 
     def line(self) -> bytes | None:
         """The next line without its newline; None at end of input (only after a complete line)."""
@@ -335,8 +380,9 @@ def parse(stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAU
 
     Guarantees for every entry yielded: the name passes `name_problem`, is not a duplicate, and
     its parent is a `Dir` yielded before; symlink targets pass `symlink_problem`; a File's
-    runs() add up to exactly its size. Mtime entries (trailer) name an entry yielded before,
-    once each, and come after all other entries.
+    runs() add up to exactly its size. Mtime and Mode entries (trailers) come after all other
+    entries and name an entry yielded before, once each per trailer; a Mode names a File or Dir
+    (`directory` says which), never a Symlink, and its mode has no bit beyond PERMISSIONS.
     """
     reader = _Reader(stream, limits)
     kinds: dict[bytes, str] = {}
@@ -356,27 +402,46 @@ def parse(stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAU
         line = reader.line()
     if line is None or inline:
         return
-    # obs lines: an mtime trailer may follow the terminator; anything else there is the pad or
-    # old swap contents and is never parsed
-    if not reader.probe(TRAILER_MTIMES + b"\n"):
-        return
+    # obs lines: trailers may follow the terminator, each right after the previous one's empty
+    # line; anything else there is the pad or old swap contents and is never parsed
+    trailers: set[bytes] = set()
+    while True:
+        marker = reader.marker(TRAILERS)
+        if marker is None:
+            return
+        if marker in trailers:
+            raise UntrustedData(f"manifest: line {reader.lineno}: second {marker.decode()} trailer")
+        trailers.add(marker)
+        yield from _trailer(reader, marker, kinds)
+
+
+def _trailer(reader: _Reader, marker: bytes, kinds: dict[bytes, str]) -> Iterator[Mtime | Mode]:
+    what = "mtime" if marker == TRAILER_MTIMES else "mode"
     seen: set[bytes] = set()
     while True:
         line = reader.line()
         if line is None:
-            raise UntrustedData("manifest: mtime trailer without its terminating empty line")
+            raise UntrustedData(f"manifest: {what} trailer without its terminating empty line")
         if not line:
             return
+        if len(seen) >= len(kinds):
+            raise UntrustedData(f"manifest: line {reader.lineno}: more {what} lines than entries")
         fields = _fields(line, reader.lineno)
         if len(fields) != 2:
-            raise UntrustedData(f"manifest: line {reader.lineno}: bad mtime trailer line")
+            raise UntrustedData(f"manifest: line {reader.lineno}: bad {what} trailer line")
         name = unescape(fields[0], "name")
-        if name not in kinds:
-            raise UntrustedData(f"manifest: mtime for unknown entry {_show(name)}")
+        kind = kinds.get(name)
+        if kind is None:
+            raise UntrustedData(f"manifest: {what} for unknown entry {_show(name)}")
         if name in seen:
-            raise UntrustedData(f"manifest: second mtime for {_show(name)}")
+            raise UntrustedData(f"manifest: second {what} for {_show(name)}")
         seen.add(name)
-        yield Mtime(name, _number(fields[1], "mtime", MAX_MTIME))
+        if marker == TRAILER_MTIMES:
+            yield Mtime(name, _number(fields[1], "mtime", MAX_MTIME))
+        elif kind == "Symlink":
+            raise UntrustedData(f"manifest: mode for the symlink {_show(name)} (symlinks have no mode)")
+        else:
+            yield Mode(name, _mode(fields[1]), kind == "Dir")
 
 
 def _fields(line: bytes, lineno: int, maxsplit: int = -1) -> list[bytes]:

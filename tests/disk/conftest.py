@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from cloudbuild.disk import blocklist
+from cloudbuild.disk.manifest import WRITE_FORMATS
 
 OBS_BUILD = Path("/usr/lib/obs-build")
 COMPUTEBLOCKLISTS = OBS_BUILD / "computeblocklists"
@@ -131,6 +132,18 @@ def populate(root: Path) -> None:
     os.symlink(os.fsdecode(b"we ird%\nname"), out / "oddlink")
     os.symlink("/etc/passwd", out / "bad_absolute")  # skipped by the writers, with a warning
     os.symlink("../../escape", out / "bad_escape")
+    # permission bits (set before the mtimes: chmod changes no mtime)
+    (out / "tool").write_bytes(b"#!/bin/sh\necho tool\n")
+    os.chmod(out / "tool", 0o755)
+    (out / "secret").write_bytes(b"s3cret\n")
+    os.chmod(out / "secret", 0o600)
+    (out / "suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(out / "suid", 0o4755)  # the writer drops setuid: it comes back 0755
+    (out / "private" / "readonly").mkdir(parents=True)
+    (out / "private" / "readonly" / "inner").write_bytes(b"inner\n")
+    os.chmod(out / "private" / "readonly" / "inner", 0o444)
+    os.chmod(out / "private" / "readonly", 0o555)  # filled by the extractor before it is made read-only
+    os.chmod(out / "private", 0o700)
     mtime = 1_000_000_000
     for dirpath, dirnames, filenames in os.walk(root, topdown=False):
         for name in [*filenames, *dirnames]:
@@ -138,11 +151,13 @@ def populate(root: Path) -> None:
             os.utime(os.path.join(dirpath, name), (mtime, mtime), follow_symlinks=False)
 
 
-Snapshot = dict[bytes, tuple[object, ...]]
+# name -> (type, content: (size, sha256) / symlink target / None, mode or None, mtime or None)
+Snapshot = dict[bytes, tuple[str, object, int | None, int | None]]
 
 
-def snapshot(root: Path, *, mtimes: bool = True) -> Snapshot:
-    """Every entry below root: type, content digest/target, size and (optionally) mtime."""
+def snapshot(root: Path, *, mtimes: bool = True, modes: bool = True) -> Snapshot:
+    """Every entry below root: type, content digest and size or target, (optionally) the mode of
+    files and directories (all of S_IMODE: setuid & co. show) and the mtime."""
     result: Snapshot = {}
     base = os.fsencode(root)
     for dirpath, dirnames, filenames in os.walk(base):
@@ -150,18 +165,27 @@ def snapshot(root: Path, *, mtimes: bool = True) -> Snapshot:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, base)
             st = os.lstat(path)
-            mt = (int(st.st_mtime),) if mtimes else ()
+            mt = int(st.st_mtime) if mtimes else None
+            mode = stat.S_IMODE(st.st_mode) if modes else None
             if stat.S_ISLNK(st.st_mode):
-                result[rel] = ("l", os.readlink(path), *mt)
+                result[rel] = ("l", os.readlink(path), None, mt)
             elif stat.S_ISDIR(st.st_mode):
-                result[rel] = ("d", *mt)
+                result[rel] = ("d", None, mode, mt)
             elif stat.S_ISREG(st.st_mode):
                 with open(path, "rb") as f:
                     digest = hashlib.file_digest(f, "sha256").hexdigest()
-                result[rel] = ("f", st.st_size, digest, *mt)
+                result[rel] = ("f", (st.st_size, digest), mode, mt)
             else:
-                result[rel] = ("?",)
+                result[rel] = ("?", None, None, None)
     return result
+
+
+def reduced(snap: Snapshot, *, mtimes: bool = True, modes: bool = True) -> Snapshot:
+    """`snap` without its mtimes and/or modes (for manifests that carry none)."""
+    return {
+        name: (kind, content, mode if modes else None, mtime if mtimes else None)
+        for name, (kind, content, mode, mtime) in snap.items()
+    }
 
 
 def result_names(root: Path) -> list[bytes]:
@@ -199,8 +223,8 @@ def swap_image(manifest: bytes) -> bytes:
 class ResultDisk:
     fstype: str
     image: Path
-    expected: Snapshot  # the result tree (bad symlinks excluded), with mtimes
-    swaps: dict[str, Path]  # manifest flavour -> swap image: perl, obs, obs+mtimes, mtime, fibmap
+    expected: Snapshot  # the result tree (bad symlinks excluded), with mtimes and modes (0777 bits)
+    swaps: dict[str, Path]  # manifest flavour -> swap image: perl, obs, obs+meta, obs+mtimes, mtime, fibmap
     manifests: dict[str, bytes]
     blksize: int
     unwritten: list[tuple[int, int, int]]  # out/unwritten's FIEMAP extents: physical, length, flags
@@ -231,7 +255,7 @@ def _build(fstype: str, workdir: Path) -> ResultDisk:
             cwd=mnt,
             input=listing,
         ).stdout
-        for fmt in ("obs", "obs+mtimes", "mtime"):
+        for fmt in WRITE_FORMATS:
             manifests[fmt] = run(
                 [
                     sys.executable,
@@ -273,6 +297,9 @@ def _build(fstype: str, workdir: Path) -> ResultDisk:
             os.close(fd)
         unwritten = raw_extents(mnt / "out" / "unwritten")
         expected = {k: v for k, v in snapshot(mnt).items() if k.split(b"/")[0] in (b"out", b"OTHER")}
+    assert expected[b"out/suid"][2] == 0o4755
+    # only the permission bits come back (never setuid, setgid, sticky)
+    expected = {k: (t, c, None if m is None else m & 0o777, mt) for k, (t, c, m, mt) in expected.items()}
     # stale data under the unwritten extents (mkfs may have zeroed them): what a reused disk holds
     fd = os.open(image, os.O_WRONLY)
     try:

@@ -101,6 +101,57 @@ def test_pads_and_formats(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_default_format_writes_mtime_and_mode_trailers(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "tool").write_bytes(b"")
+    (tmp_path / "d" / "suid").write_bytes(b"")
+    (tmp_path / "d" / "link").symlink_to("tool")
+    os.chmod(tmp_path / "d" / "tool", 0o755)
+    os.chmod(tmp_path / "d" / "suid", 0o4750)
+    os.chmod(tmp_path / "d", 0o1700)
+    for path, when in (("d/tool", 10), ("d/suid", 11), ("d", 12)):
+        os.utime(tmp_path / path, (when, when))
+    os.utime(tmp_path / "d" / "link", (13, 13), follow_symlinks=False)
+    names = ["d", "d/tool", "d/suid", "d/link"]
+    want = (
+        b"\nd d\nf d/tool 0\nf d/suid 0\nl d/link tool\n\n"
+        b"%mtimes\nd 12\nd/tool 10\nd/suid 11\nd/link 13\n\n"
+        b"%modes\nd 0700\nd/tool 0755\nd/suid 0750\n\n\n"  # no setuid/sticky, no symlink
+    )
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        out = io.BytesIO()
+        blocklist.write_manifest(names, out, padstart=1, padend=1, dir_fd=fd)
+        assert out.getvalue() == want
+        out = io.BytesIO()
+        blocklist.write_manifest(names, out, padstart=1, padend=1, fmt="obs+meta", dir_fd=fd)
+        assert out.getvalue() == want
+    finally:
+        os.close(fd)
+    proc = blocklist_cli(["--padstart", "1", "--padend", "1", *names], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == want
+    parsed = list(manifest.parse(io.BytesIO(want[1:])))
+    assert [e for e in parsed if isinstance(e, manifest.Mode)] == [
+        manifest.Mode(b"d", 0o700, True),
+        manifest.Mode(b"d/tool", 0o755, False),
+        manifest.Mode(b"d/suid", 0o750, False),
+    ]
+
+
+def test_every_existing_format_flag_still_works(tmp_path: Path) -> None:
+    (tmp_path / "e").write_bytes(b"")
+    os.utime(tmp_path / "e", (5, 5))
+    os.chmod(tmp_path / "e", 0o640)
+    got = {fmt: blocklist_cli(["--format", fmt, "e"], tmp_path).stdout for fmt in manifest.WRITE_FORMATS}
+    assert got == {
+        "obs": b"f e 0\n",
+        "obs+meta": b"f e 0\n\n%mtimes\ne 5\n\n%modes\ne 0640\n\n",
+        "obs+mtimes": b"f e 0\n\n%mtimes\ne 5\n\n",
+        "mtime": manifest.HEADER_MTIME + b"\nf e 5 0\n\n",
+    }
+
+
 def test_fiemap_of_a_sparse_file_on_the_host_filesystem(tmp_path: Path) -> None:
     path = tmp_path / "sparse"
     with open(path, "wb") as f:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import pwd
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -64,6 +67,95 @@ def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: P
     assert (dest / "ok" / "data").read_bytes() == data[1024:3072]
     assert (dest / "ok" / "hole").read_bytes() == bytes(2048) + data[3172:3272] + bytes(852)
     assert os.readlink(dest / "ok" / "link") == "data"
+
+
+def test_setuid_setgid_and_sticky_claims_come_back_as_permission_bits_only(
+    small_disk: Path, dest: Path
+) -> None:
+    manifest = dest.parent.parent / "claims.manifest"
+    manifest.write_bytes(
+        b"f suid 2048 1024 1-2\nd sticky\nf sticky/sgid 0\nf plain 0\n\n"
+        b"%modes\nsuid 4755\nsticky 1777\nsticky/sgid 2750\nplain 0600\n\n"
+    )
+    assert main(["--disk", str(small_disk), "--input", str(manifest), "--dest", str(dest)]) == 0
+    modes = {
+        name: stat.S_IMODE(os.lstat(dest / name).st_mode)
+        for name in ("suid", "sticky", "sticky/sgid", "plain")
+    }
+    assert modes == {"suid": 0o755, "sticky": 0o777, "sticky/sgid": 0o750, "plain": 0o600}
+    assert (dest / "suid").read_bytes() == small_disk.read_bytes()[1024:3072]
+
+
+_READ_ONLY_TREE = (
+    b"d x\nd x/ro\nf x/ro/in 2048 1024 1-2\nd x/ro/none\nf x/ro/none/deep 0\nf x/f 0\nl x/l ro/in\n\n"
+    b"%mtimes\nx 5\nx/ro 6\nx/ro/none 7\nx/l 8\n\n"
+    b"%modes\nx 0500\nx/ro 0555\nx/ro/in 0400\nx/ro/none 0000\nx/ro/none/deep 0000\nx/f 0700\n\n"
+)
+
+
+def _as_nobody(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """Run argv without root's permission overrides: directory modes then really bite."""
+    if os.geteuid() != 0:
+        return subprocess.run(argv, cwd=cwd, capture_output=True)
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed for this test"
+    uid = pwd.getpwnam("nobody").pw_uid
+    for path in [str(cwd), *_all_paths(str(cwd))]:
+        os.lchown(path, uid, -1)
+    return subprocess.run(
+        [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all", *argv],
+        cwd=cwd,
+        capture_output=True,
+    )
+
+
+@pytest.fixture()
+def work() -> Iterator[Path]:
+    """A folder in /tmp (every parent traversable by nobody), removed by root afterwards."""
+    with tempfile.TemporaryDirectory(prefix="cloudbuild-nobody-") as folder:
+        yield Path(folder)
+
+
+def test_read_only_directories_are_filled_first_even_without_root(small_disk: Path, work: Path) -> None:
+    """Directory modes are applied last, deepest first: a non-root extractor (no permission
+    overrides) can still create everything inside 0500/0555/0000 directories and move them."""
+    (work / "m").write_bytes(_READ_ONLY_TREE)
+    shutil.copy(small_disk, work / "disk")
+    (work / "dest").mkdir()
+    proc = _as_nobody(
+        [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", "disk", "--input", "m", "--dest", "dest"],
+        work,
+    )
+    assert proc.returncode == 0, proc.stderr
+    x = work / "dest" / "x"
+    modes = {
+        str(p.relative_to(x)): stat.S_IMODE(p.lstat().st_mode)
+        for p in [x, *x.rglob("*")]
+        if not p.is_symlink()
+    }
+    assert modes == {".": 0o500, "ro": 0o555, "ro/in": 0o400, "ro/none": 0, "ro/none/deep": 0, "f": 0o700}
+    assert (x / "ro" / "in").read_bytes() == small_disk.read_bytes()[1024:3072]
+    assert [int(os.lstat(x / n).st_mtime) for n in (".", "ro", "ro/none", "l")] == [5, 6, 7, 8]
+    # a refusal after extraction (the name exists in dest) still leaves nothing behind
+    (work / "dest2").mkdir()
+    (work / "dest2" / "x").mkdir()
+    proc = _as_nobody(
+        [
+            sys.executable,
+            "-m",
+            "cloudbuild.disk.extract",
+            "--disk",
+            "disk",
+            "--input",
+            "m",
+            "--dest",
+            "dest2",
+        ],
+        work,
+    )
+    assert proc.returncode == 3 and b"already exists" in proc.stderr, proc.stderr
+    assert sorted(os.listdir(work)) == ["dest", "dest2", "disk", "m"]
+    assert os.listdir(work / "dest2" / "x") == []
 
 
 def test_hostile_manifest_through_the_command_line(small_disk: Path, dest: Path) -> None:
@@ -125,6 +217,12 @@ _NUMBERS = st.one_of(
 ).map(str)
 
 
+_MODES = st.one_of(
+    st.integers(0, 0o7777).map(lambda m: f"{m:04o}"),
+    st.sampled_from(["0755", "0644", "0000", "4755", "7777", "755", "0758", "10755", "-755", "0x1ed", ""]),
+)
+
+
 @st.composite
 def _names(draw: st.DrawFn) -> str:
     return "/".join(draw(st.lists(st.sampled_from(_COMPONENTS), min_size=1, max_size=4)))
@@ -144,7 +242,7 @@ def _extent(draw: st.DrawFn) -> str:
 
 @st.composite
 def _line(draw: st.DrawFn) -> str:
-    kind = draw(st.sampled_from(["d", "l", "f", "f", "f", "x", "%mtimes", ""]))
+    kind = draw(st.sampled_from(["d", "l", "f", "f", "f", "x", "%mtimes", "%modes", ""]))
     name = draw(_names())
     if kind == "d":
         return f"d {name}"
@@ -157,8 +255,8 @@ def _line(draw: st.DrawFn) -> str:
         blksize = draw(st.sampled_from(["512", "1024", "4096", "0", "1000", "131072"]))
         extents = " ".join(draw(st.lists(_extent(), min_size=0, max_size=5)))
         return f"f {name} {size} {blksize} {extents}".rstrip()
-    if kind == "%mtimes":
-        return "%mtimes"
+    if kind in ("%mtimes", "%modes"):
+        return kind
     return f"{kind} {name}" if kind else ""
 
 
@@ -196,9 +294,16 @@ def _plausible(draw: st.DrawFn) -> bytes:
                 tokens[draw(st.integers(0, len(tokens) - 1))] = draw(_extent())
             lines.append(f"f {name} {size} {bs} {' '.join(tokens)}")
     text = "\n".join(lines) + "\n\n"
+    trailers = []
     if draw(st.booleans()):
         stamped = draw(st.lists(st.sampled_from(names), max_size=3))
-        text += "%mtimes\n" + "".join(f"{n} {draw(_NUMBERS)}\n" for n in stamped) + "\n"
+        trailers.append("%mtimes\n" + "".join(f"{n} {draw(_NUMBERS)}\n" for n in stamped) + "\n")
+    if draw(st.booleans()):
+        moded = draw(st.lists(st.sampled_from(names), max_size=len(names) + 1))
+        trailers.append("%modes\n" + "".join(f"{n} {draw(_MODES)}\n" for n in moded) + "\n")
+    if draw(st.booleans()):
+        trailers.reverse()
+    text += "".join(trailers)
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -209,7 +314,18 @@ def _manifest(draw: st.DrawFn) -> bytes:
     lines = draw(st.lists(_line(), max_size=12))
     if draw(st.booleans()):
         lines.insert(0, "%format mtime")
-    text = "\n".join(lines) + draw(st.sampled_from(["\n", "\n\n", "", "\n\n%mtimes\na 5\n\n"]))
+    text = "\n".join(lines) + draw(
+        st.sampled_from(
+            [
+                "\n",
+                "\n\n",
+                "",
+                "\n\n%mtimes\na 5\n\n",
+                "\n\n%modes\na 4755\n\n",
+                "\n\n%mtimes\na 5\n\n%modes\na 0755\nb 0000\n\n",
+            ]
+        )
+    )
     data = text.encode("utf-8", "surrogateescape")
     if draw(st.integers(0, 9)) == 0:
         data += draw(st.binary(max_size=64))
@@ -267,6 +383,7 @@ def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, m
         total = 0
         real_dest = os.path.realpath(dest)
         for path in _all_paths(str(dest)):
+            assert not os.lstat(path).st_mode & 0o7000  # never setuid, setgid or sticky
             parent = os.path.realpath(os.path.dirname(path))
             assert parent == real_dest or parent.startswith(real_dest + os.sep)
             if os.path.islink(path):

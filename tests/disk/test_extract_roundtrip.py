@@ -13,19 +13,58 @@ from cloudbuild.disk import blocklist, manifest
 from cloudbuild.disk.extract import extract_results, main
 from cloudbuild.errors import UntrustedData
 
-from .conftest import EXTRACTBUILD, PAD, ResultDisk, leftovers, mounted, require_tool, run, snapshot
+from .conftest import (
+    EXTRACTBUILD,
+    PAD,
+    ResultDisk,
+    Snapshot,
+    leftovers,
+    mounted,
+    reduced,
+    require_tool,
+    run,
+    snapshot,
+)
+
+DEFAULT = manifest.DEFAULT_WRITE_FORMAT
 
 
-def without_mtimes(snap: dict[bytes, tuple[object, ...]]) -> dict[bytes, tuple[object, ...]]:
-    return {name: entry[:-1] for name, entry in snap.items()}
+def bare(snap: Snapshot) -> Snapshot:
+    """Names, kinds, contents and targets only: what a manifest without trailers carries."""
+    return reduced(snap, mtimes=False, modes=False)
 
 
-@pytest.mark.parametrize("flavour", ["obs+mtimes", "mtime"])
-def test_extract_restores_the_tree_with_mtimes(result_disk: ResultDisk, dest: Path, flavour: str) -> None:
+def test_default_format_carries_mtimes_and_modes() -> None:
+    assert DEFAULT == "obs+meta"
+
+
+@pytest.mark.parametrize(("flavour", "modes"), [("obs+meta", True), ("obs+mtimes", False), ("mtime", False)])
+def test_extract_restores_the_tree_with_mtimes(
+    result_disk: ResultDisk, dest: Path, flavour: str, modes: bool
+) -> None:
     report = extract_results(result_disk.image, result_disk.swaps[flavour], skip=PAD, dest=dest)
-    assert snapshot(dest) == result_disk.expected
+    assert snapshot(dest, modes=modes) == reduced(result_disk.expected, modes=modes)
     assert report.files == sum(1 for e in result_disk.expected.values() if e[0] == "f")
     assert leftovers(dest) == sorted(os.listdir(dest))  # no staging directory left beside dest
+
+
+def test_extract_restores_permission_bits_and_content(result_disk: ResultDisk, dest: Path) -> None:
+    extract_results(result_disk.image, result_disk.swaps[DEFAULT], skip=PAD, dest=dest)
+    got = snapshot(dest)
+    for name, mode in [
+        (b"out/tool", 0o755),
+        (b"out/secret", 0o600),
+        (b"out/suid", 0o755),  # 04755 on the guest: setuid is never restored
+        (b"out/private", 0o700),
+        (b"out/private/readonly", 0o555),
+        (b"out/private/readonly/inner", 0o444),
+        (b"out/small", 0o644),
+        (b"out/sub", 0o755),
+    ]:
+        assert got[name][2] == mode, name
+        assert got[name] == result_disk.expected[name], name  # content and mtime too
+    assert (dest / "out" / "tool").read_bytes() == b"#!/bin/sh\necho tool\n"
+    assert subprocess.run([dest / "out" / "tool"], capture_output=True, check=True).stdout == b"tool\n"
 
 
 @pytest.mark.parametrize("flavour", ["obs", "perl", "fibmap"])
@@ -33,7 +72,7 @@ def test_extract_restores_the_tree_from_mtime_less_manifests(
     result_disk: ResultDisk, dest: Path, flavour: str
 ) -> None:
     extract_results(result_disk.image, result_disk.swaps[flavour], skip=PAD, dest=dest)
-    assert snapshot(dest, mtimes=False) == without_mtimes(result_disk.expected)
+    assert snapshot(dest, mtimes=False, modes=False) == bare(result_disk.expected)
 
 
 def test_blocklist_obs_format_is_byte_identical_to_computeblocklists(result_disk: ResultDisk) -> None:
@@ -44,6 +83,17 @@ def test_obs_mtimes_format_is_obs_lines_plus_a_trailer(result_disk: ResultDisk) 
     obs = result_disk.manifests["obs"][:-PAD]
     with_trailer = result_disk.manifests["obs+mtimes"]
     assert with_trailer.startswith(obs + b"\n" + manifest.TRAILER_MTIMES + b"\n")
+
+
+def test_obs_meta_format_is_obs_mtimes_plus_a_mode_trailer(result_disk: ResultDisk) -> None:
+    """A cloudbuild that knows only the mtime trailer stops after it: it reads obs+meta as obs+mtimes."""
+    obs_mtimes = result_disk.manifests["obs+mtimes"][:-PAD]
+    meta = result_disk.manifests["obs+meta"]
+    assert meta.startswith(obs_mtimes + manifest.TRAILER_MODES + b"\n")
+    assert meta.endswith(b"\n\n" + b"\n" * PAD)
+    trailer = meta[len(obs_mtimes) :].split(b"\n\n")[0].split(b"\n")[1:]
+    assert b"out/tool 0755" in trailer and b"out/suid 0755" in trailer and b"out/private 0700" in trailer
+    assert not any(line.startswith((b"out/sub/link ", b"out/dirlink ")) for line in trailer)  # symlinks
 
 
 def test_unwritten_and_hole_extents_are_written_as_holes(result_disk: ResultDisk) -> None:
@@ -63,7 +113,7 @@ def test_unwritten_and_hole_extents_are_written_as_holes(result_disk: ResultDisk
 
 
 def test_perl_extractbuild_reads_cloudbuild_manifests(result_disk: ResultDisk, dest: Path) -> None:
-    for flavour in ("obs", "obs+mtimes"):
+    for flavour in ("obs", "obs+mtimes", "obs+meta"):
         target = dest / flavour
         target.mkdir()
         run(
@@ -79,7 +129,7 @@ def test_perl_extractbuild_reads_cloudbuild_manifests(result_disk: ResultDisk, d
             ],
             cwd=target,
         )
-        assert snapshot(target, mtimes=False) == without_mtimes(result_disk.expected), flavour
+        assert snapshot(target, mtimes=False, modes=False) == bare(result_disk.expected), flavour
 
 
 def test_perl_extractbuild_refuses_the_inline_mtime_format_before_creating_anything(
@@ -114,14 +164,14 @@ def test_cloudbuild_and_perl_extract_identical_trees_from_perl_manifest(
         cwd=dest / "perl",
     )
     extract_results(result_disk.image, swap, skip=PAD, dest=dest / "cloudbuild")
-    assert snapshot(dest / "perl", mtimes=False) == snapshot(dest / "cloudbuild", mtimes=False)
+    assert snapshot(dest / "perl", mtimes=False) == snapshot(dest / "cloudbuild", mtimes=False)  # modes too
 
 
 def test_cli_extracts_into_the_current_directory_and_reads_stdin(
     result_disk: ResultDisk, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(dest)
-    with open(result_disk.swaps["obs+mtimes"], "rb") as swap:
+    with open(result_disk.swaps[DEFAULT], "rb") as swap:
         proc = subprocess.run(
             [
                 sys.executable,
@@ -161,9 +211,7 @@ def test_qcow2_image_extracts_identically(result_disk: ResultDisk, dest: Path, c
         ]
     )
     try:
-        extract_results(
-            qcow, result_disk.swaps["obs+mtimes"], skip=PAD, dest=dest, qcow2=True, max_size=1 << 30
-        )
+        extract_results(qcow, result_disk.swaps[DEFAULT], skip=PAD, dest=dest, qcow2=True, max_size=1 << 30)
         assert snapshot(dest) == result_disk.expected
     finally:
         qcow.unlink()
@@ -219,16 +267,19 @@ def test_written_through_blocklist_function_with_dir_fd(result_disk: ResultDisk,
 
             buf = io.BytesIO()
             count = blocklist.write_manifest(names, buf, padstart=PAD, padend=PAD, fmt="mtime", dir_fd=fd)
+            default = io.BytesIO()  # what the guest agent calls: no fmt
+            blocklist.write_manifest(names, default, padstart=PAD, padend=PAD, dir_fd=fd)
         finally:
             os.close(fd)
     assert buf.getvalue() == result_disk.manifests["mtime"]
+    assert default.getvalue() == result_disk.manifests["obs+meta"]
     assert count == len(result_disk.expected)
 
 
 def test_block_device_disk_extracts_identically(result_disk: ResultDisk, dest: Path) -> None:
     device = run(["losetup", "--find", "--show", "--read-only", result_disk.image]).stdout.decode().strip()
     try:
-        report = extract_results(Path(device), result_disk.swaps["obs+mtimes"], skip=PAD, dest=dest)
+        report = extract_results(Path(device), result_disk.swaps[DEFAULT], skip=PAD, dest=dest)
     finally:
         run(["losetup", "-d", device])
     assert snapshot(dest) == result_disk.expected
@@ -258,7 +309,7 @@ def test_every_copy_method_copies_the_same_bytes(tmp_path: Path, mode: str) -> N
 def test_disk_and_swap_as_block_devices_like_the_vm_flow(result_disk: ResultDisk, dest: Path) -> None:
     devices = []
     try:
-        for path in (result_disk.image, result_disk.swaps["obs+mtimes"]):
+        for path in (result_disk.image, result_disk.swaps[DEFAULT]):
             devices.append(run(["losetup", "--find", "--show", "--read-only", path]).stdout.decode().strip())
         code = main(["--disk", devices[0], "--input", devices[1], "--skip", "512", "--dest", str(dest)])
     finally:

@@ -1,4 +1,4 @@
-"""The manifest format: writer lines, the strict parser, both dialects and the mtime trailer."""
+"""The manifest format: writer lines, the strict parser, both dialects and the mtime and mode trailers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudbuild.disk import manifest
-from cloudbuild.disk.manifest import Dir, File, Limits, Mtime, Run, Symlink, parse
+from cloudbuild.disk.manifest import Dir, File, Limits, Mode, Mtime, Run, Symlink, parse
 from cloudbuild.errors import UntrustedData
 
 FUZZ_EXAMPLES = int(os.environ.get("CLOUDBUILD_FUZZ_EXAMPLES", "200"))
@@ -83,6 +83,100 @@ def test_mtime_trailer_follows_the_terminator() -> None:
 
 def test_pad_after_the_terminator_is_not_a_trailer() -> None:
     assert entries(b"d a\n\n\n%mtimes\na 7\n\n") == [Dir(b"a")]
+    assert entries(b"d a\n\n\n%modes\na 0700\n\n") == [Dir(b"a")]
+    assert entries(b"d a\n\n%mtimes\na 7\n\n\n%modes\na 0700\n\n") == [Dir(b"a"), Mtime(b"a", 7)]
+    assert entries(b"d a\n\n%modesX\na 0700\n\n") == [Dir(b"a")]  # not a marker: never parsed
+
+
+def test_mode_trailer_follows_the_mtime_trailer() -> None:
+    text = b"d a\nf a/b 0\nl c a\n\n%mtimes\na 7\nc 8\n\n%modes\na 0700\na/b 0755\n\n" + b"\n" * 512
+    assert entries(text)[3:] == [
+        Mtime(b"a", 7),
+        Mtime(b"c", 8),
+        Mode(b"a", 0o700, directory=True),
+        Mode(b"a/b", 0o755, directory=False),
+    ]
+
+
+def test_mode_trailer_alone_or_first_and_names_escaped() -> None:
+    assert entries(b"f a%20b 0\n\n%modes\na%20b 0600\n\n") == [
+        File(b"a b", 0, 0, b""),
+        Mode(b"a b", 0o600, directory=False),
+    ]
+    assert entries(b"f a 0\n\n%modes\na 0000\n\n%mtimes\na 7\n\n")[1:] == [
+        Mode(b"a", 0, directory=False),
+        Mtime(b"a", 7),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("claim", "mode"), [(b"4755", 0o755), (b"2775", 0o775), (b"1777", 0o777), (b"7777", 0o777)]
+)
+def test_setuid_setgid_and_sticky_claims_are_dropped(claim: bytes, mode: int) -> None:
+    assert entries(b"d a\n\n%modes\na " + claim + b"\n\n")[1] == Mode(b"a", mode, directory=True)
+
+
+@pytest.mark.parametrize(
+    ("trailer", "reason"),
+    [
+        (b"b 0644\n", "mode for unknown entry"),
+        (b"a 0644\na 0644\n", "second mode for"),
+        (b"l 0777\n", "mode for the symlink"),
+        (b"a 0758\n", "bad mode"),
+        (b"a 755\n", "bad mode"),
+        (b"a 00755\n", "bad mode"),
+        (b"a +755\n", "bad mode"),
+        (b"a 0x1ed\n", "bad mode"),
+        (b"a 10000\n", "out of range"),
+        (b"a 77777777777777777777777\n", "out of range"),
+        (b"a 0644 x\n", "bad mode trailer line"),
+        (b"a\n", "bad mode trailer line"),
+        (b"a  0644\n", "empty field"),
+        (b"a\t0644\n", "raw control byte"),
+    ],
+)
+def test_bad_mode_trailers_are_refused(trailer: bytes, reason: str) -> None:
+    with pytest.raises(UntrustedData, match=reason):
+        entries(b"f a 0\nd d\nl l a\n\n%modes\n" + trailer + b"\n")
+
+
+def test_no_more_trailer_lines_than_entries() -> None:
+    with pytest.raises(UntrustedData, match="more mode lines than entries"):
+        entries(b"f a 0\nd d\n\n%modes\na 0644\nd 0755\na 0644\n\n")
+    with pytest.raises(UntrustedData, match="more mtime lines than entries"):
+        entries(b"f a 0\n\n%mtimes\na 1\na 2\n\n")
+
+
+def test_each_trailer_at_most_once_and_terminated() -> None:
+    with pytest.raises(UntrustedData, match="second %modes trailer"):
+        entries(b"f a 0\n\n%modes\na 0644\n\n%modes\n\n")
+    with pytest.raises(UntrustedData, match="second %mtimes trailer"):
+        entries(b"f a 0\n\n%mtimes\n\n%modes\n\n%mtimes\n\n")
+    with pytest.raises(UntrustedData, match="without its terminating empty line"):
+        entries(b"f a 0\n\n%modes\na 0644\n")
+
+
+def test_trailer_markers_respect_the_manifest_limit() -> None:
+    text = b"f a 0\n\n%modes\na 0644\n\n"
+    assert entries(text, limits=Limits(max_manifest=len(text))) == [
+        File(b"a", 0, 0, b""),
+        Mode(b"a", 0o644, False),
+    ]
+    assert entries(text, limits=Limits(max_manifest=9)) == [
+        File(b"a", 0, 0, b"")
+    ]  # marker past the limit: not read
+    with pytest.raises(UntrustedData, match="longer than"):
+        entries(text, limits=Limits(max_manifest=len(text) - 1))
+
+
+def test_inline_generation_reads_no_trailer() -> None:
+    assert entries(manifest.HEADER_MTIME + b"\nf a 5 0\n\n%modes\na 0644\n\n") == [File(b"a", 0, 0, b"", 5)]
+
+
+def test_mode_trailer_writer() -> None:
+    assert manifest.mode_trailer([(b"a b", 0o100755), (b"d", 0o40700), (b"s", 0o104755)]) == (
+        b"%modes\na%20b 0755\nd 0700\ns 0755\n\n"
+    )
 
 
 def test_writer_round_trips_any_name_bytes() -> None:
@@ -101,6 +195,29 @@ def test_writer_output_parses_back(raw_names: list[bytes], mtime: int) -> None:
     lines = b"".join(manifest.file_line(n, 1, 512, [b"1"], mtime=mtime) for n in names)
     got = entries(manifest.header("mtime") + lines + b"\n")
     assert [(e.name, e.mtime) for e in got] == [(n, mtime) for n in names]
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=8, unique=True),
+    st.lists(st.integers(0, 0o177777), min_size=8, max_size=8),
+    st.integers(0, 10**10),
+)
+def test_trailer_writer_output_parses_back(raw_names: list[bytes], modes: list[int], mtime: int) -> None:
+    names = list(dict.fromkeys(n.replace(b"/", b"_") for n in raw_names))
+    names = [n for n in names if manifest.name_problem(n) is None]
+    lines = b"".join(manifest.file_line(n, 1, 512, [b"1"]) for n in names)
+    text = (
+        lines
+        + b"\n"
+        + manifest.mtime_trailer((n, mtime) for n in names)
+        + manifest.mode_trailer(zip(names, modes, strict=False))
+        + b"\n" * 3
+    )
+    got = entries(text)[len(names) :]
+    assert got == [Mtime(n, mtime) for n in names] + [
+        Mode(n, m & 0o777, False) for n, m in zip(names, modes, strict=False)
+    ]
 
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -135,6 +136,9 @@ def test_success_returns_results_byte_exact_with_log_and_statistics(
         'mkdir -p "$BUILD_RESULTS/pkg/deep/er"\n'
         'cp input.bin "$BUILD_RESULTS/pkg/deep/er/big.bin"\n'
         'printf "hello\\n" > "$BUILD_RESULTS/pkg/hello.txt"\n'
+        'printf "#!/bin/sh\\necho tool\\n" > "$BUILD_RESULTS/pkg/tool"\n'
+        'chmod 755 "$BUILD_RESULTS/pkg/tool"\n'
+        'chmod 700 "$BUILD_RESULTS/pkg/deep"\n'
         'ln -s deep/er/big.bin "$BUILD_RESULTS/pkg/link"\n'
         ': > "$BUILD_RESULTS/empty"\n'
         'echo "recipe ran"\n',
@@ -148,9 +152,14 @@ def test_success_returns_results_byte_exact_with_log_and_statistics(
         "pkg/deep/er": "d",
         "pkg/deep/er/big.bin": hashlib.sha256(big).hexdigest(),
         "pkg/hello.txt": hashlib.sha256(b"hello\n").hexdigest(),
+        "pkg/tool": hashlib.sha256(b"#!/bin/sh\necho tool\n").hexdigest(),
         "pkg/link": "l:deep/er/big.bin",
         "empty": hashlib.sha256(b"").hexdigest(),
     }
+    # permission bits travel (the manifest's mode trailer): the executable stays executable
+    assert stat.S_IMODE((out / "pkg" / "tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE((out / "pkg" / "deep").stat().st_mode) == 0o700
+    assert subprocess.run([out / "pkg" / "tool"], capture_output=True, check=True).stdout == b"tool\n"
     log = (tmp_path / "out.log").read_text(errors="replace")
     assert "recipe ran" in log and "2nd stage started in virtual machine" in log
     statistics = dict(line.split(": ", 1) for line in (tmp_path / "out.statistics").read_text().splitlines())
