@@ -188,7 +188,7 @@ def _link_target(image: Path, inode: Inode, bsize: int) -> bytes:
 def image_manifest(
     image: Path, *, top: bytes = b".build.out", names: tuple[bytes, ...] = (b"results", b"_statistics")
 ) -> bytes:
-    """The manifest (obs lines + mtime trailer, terminated) of `top/names...` in the image."""
+    """The manifest (obs lines + mtime and mode trailers, terminated) of `top/names...` in the image."""
     fs = Debugfs(image)
     bsize = fs.block_size()
     top_entry = [e for e in fs.listing(ROOT_INODE) if e[0] == top]
@@ -196,13 +196,15 @@ def image_manifest(
         raise UntrustedData(f"{image}: no /{top.decode()} folder")
     lines: list[bytes] = []
     mtimes: list[tuple[bytes, int]] = []
+    modes: list[tuple[bytes, int]] = []
     count = 0
-    pending: list[tuple[bytes, int, int]] = [
-        (name, ino, 0) for name, ino, _ in fs.listing(top_entry[0][1]) if name in names
+    # (name, inode, mode from the directory listing, depth)
+    pending: list[tuple[bytes, int, int, int]] = [
+        (name, ino, mode, 0) for name, ino, mode in fs.listing(top_entry[0][1]) if name in names
     ]
     pending.sort(reverse=True)
     while pending:
-        rel, number, depth = pending.pop()
+        rel, number, mode, depth = pending.pop()
         count += 1
         if count > MAX_ENTRIES or depth > MAX_DEPTH:
             raise UntrustedData(f"{image}: too many or too deeply nested results")
@@ -212,7 +214,7 @@ def image_manifest(
         inode = fs.inode(number)
         if inode.kind == "directory":
             lines.append(manifest.dir_line(rel))
-            children = [(rel + b"/" + name, ino, depth + 1) for name, ino, _ in fs.listing(number)]
+            children = [(rel + b"/" + name, ino, m, depth + 1) for name, ino, m in fs.listing(number)]
             pending.extend(sorted(children, reverse=True))
         elif inode.kind == "regular":
             tokens = extent_tokens(inode, bsize) if inode.size else []
@@ -224,13 +226,16 @@ def image_manifest(
                 log.warning("result symlink skipped", name=rel.decode(errors="replace"), reason=problem)
                 continue
             lines.append(manifest.symlink_line(rel, target))
+            mtimes.append((rel, min(inode.mtime, manifest.MAX_MTIME)))
+            continue  # symlinks have no mode
         else:
             log.warning(
                 "result skipped: unsupported file type", name=rel.decode(errors="replace"), kind=inode.kind
             )
             continue
         mtimes.append((rel, min(inode.mtime, manifest.MAX_MTIME)))
-    return b"".join(lines) + b"\n" + manifest.mtime_trailer(mtimes)
+        modes.append((rel, mode))
+    return b"".join(lines) + b"\n" + manifest.mtime_trailer(mtimes) + manifest.mode_trailer(modes)
 
 
 def read_exit_file(image: Path) -> int | None:

@@ -64,6 +64,8 @@ def play(root: Path, swap: Path | None, spec: dict[str, Any]) -> dict[str, Any]:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content(value))
             names.append(name)
+        for name, mode in spec.get("modes", {}).items():
+            (out / name).chmod(int(mode))
         for name, target in spec.get("symlinks", {}).items():
             path = out / name
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ GUEST = {
     "status": 0,
     "files": {"results/RPMS/a.rpm": PAYLOAD, "results/empty": "", "_statistics": "MAX_mb_used_memory: 9\n"},
     "symlinks": {"results/latest": "RPMS/a.rpm", "results/evil": "/etc/shadow", "results/up": "../../x"},
+    "modes": {"results/RPMS/a.rpm": 0o750, "results/RPMS": 0o700},
 }
 EXPECTED = {
     "RPMS": "d",
@@ -108,6 +109,9 @@ def test_with_swap_the_results_come_through_the_swap_channel(emu: EmuEnv, rootfs
     outcome, console = flow(create_backend(options), options, emu.tmp, script)
     assert outcome.exit_code == ExitCode.OK, outcome.message
     assert tree(emu.tmp / "out") == EXPECTED
+    # modes travel on this path too (debugfs listing -> %modes trailer)
+    assert (emu.tmp / "out" / "RPMS" / "a.rpm").stat().st_mode & 0o7777 == 0o750
+    assert (emu.tmp / "out" / "RPMS").stat().st_mode & 0o7777 == 0o700
     assert (emu.tmp / "out.statistics").read_text() == "MAX_mb_used_memory: 9\n"
     (call,) = emu.state()["calls"]
     work = emu.tmp / "work"
@@ -136,6 +140,9 @@ def test_without_swap_the_image_is_read_in_userspace(
     monkeypatch.undo()
     assert outcome.exit_code == ExitCode.OK, outcome.message
     assert tree(emu.tmp / "out") == EXPECTED
+    # modes travel on this path too (debugfs listing -> %modes trailer)
+    assert (emu.tmp / "out" / "RPMS" / "a.rpm").stat().st_mode & 0o7777 == 0o750
+    assert (emu.tmp / "out" / "RPMS").stat().st_mode & 0o7777 == 0o700
     assert (emu.tmp / "out.statistics").read_text() == "MAX_mb_used_memory: 9\n"
     (call,) = emu.state()["calls"]
     assert call["argv"] == [str(emu.tmp / "work" / "root.img"), ""]  # obs-build passes an empty swap
