@@ -23,20 +23,19 @@ that follows the contract of `cloudbuild/buildroot/stage.py`.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.runner import CommandError, run, terminate, which
+from cloudbuild.runner import CommandError, run, which
 from cloudbuild.volume import Role, VolumePair
 from local_backends import e2manifest
-from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import boot_machine, clear_killed, fuser_kill
+from local_backends.localvolume import LocalVolume, image_path, local_volumes
+from local_backends.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
@@ -77,15 +76,13 @@ def swap_offer(folder: Path) -> str | None:
 
 
 @register
-class EmulatorBackend(Backend):
+class EmulatorBackend(ProcessMachineBackend):
+    kill_image_holders_always: ClassVar[bool] = True  # what the script started may outlive it
+
     name: ClassVar[str] = "emulator"
 
     def __init__(self, options: VmOptions):
         super().__init__(options)
-        self.pair: VolumePair | None = None
-        self.workdir: Path | None = None
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._killed = False
         self._guest_swap: str | None = None
         self._checked = False
 
@@ -129,32 +126,29 @@ class EmulatorBackend(Backend):
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
-        self.pair = pair
-        self.workdir = slot.workdir
-        clear_killed(slot.workdir)
-        root = _path(pair.root)
-        swap = _path(pair.swap) if pair.swap is not None and self.emulator_has_swap else None
+        root = image_path(pair.root, "the emulator")
+        swap = (
+            image_path(pair.swap, "the emulator")
+            if pair.swap is not None and self.emulator_has_swap
+            else None
+        )
         folder = emulator_dir()
         argv = [str(script_path(self.options)), str(root), str(swap) if swap else ""]
-        self._killed = False
         # at the timeout, also stop what the script started (stop=self.kill: whatever holds the image)
-        result = boot_machine(
+        result = self.boot_process(
             argv,
+            pair,
+            slot,
             console,
-            name=f"emulator {argv[0]}",
-            watchdog=self.options.watchdog,
             timeout=timeout,
-            started=self._procs,
-            kill=self.kill,
-            killed=lambda: self._killed,
-            workdir=slot.workdir,
+            name=f"emulator {argv[0]}",
             stop=self.kill,
             cwd=folder if folder.is_dir() else None,
         )
         if result.reason is not ExitReason.POWERED_OFF:
             return result
         if not self.emulator_has_swap and pair.swap is not None:
-            self.results_from_image(root, _path(pair.swap))
+            self.results_from_image(root, image_path(pair.swap, "the emulator"))
         return BootResult(ExitReason.POWERED_OFF)
 
     def results_from_image(self, root: Path, host_swap: Path) -> None:
@@ -173,23 +167,3 @@ class EmulatorBackend(Backend):
             finally:
                 os.close(fd)
         buildstatus.write(host_swap, status)
-
-    def kill(self) -> None:
-        self._killed = True
-        for proc in list(self._procs):
-            terminate(proc)
-        root = self.pair.root if self.pair is not None else None
-        if isinstance(root, LocalVolume) and fuser_kill(root.path):
-            log.warning("killed the processes holding the root image", image=str(root.path))
-
-    def cleanup(self) -> None:
-        for proc in list(self._procs):
-            terminate(proc)
-        if self.workdir is not None:
-            clear_killed(self.workdir)
-
-
-def _path(volume: object) -> Path:
-    if not isinstance(volume, LocalVolume):
-        raise InfraError(f"{volume!r}: the emulator runs on local image files or block devices only")
-    return volume.path

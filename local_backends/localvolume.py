@@ -137,3 +137,10 @@ def local_volumes(options: VmOptions, workdir: Path, *, swap: bool = True) -> Vo
     if swap_volume.path.resolve() == root.path.resolve():
         raise UsageError(f"--vm-swap {swap_path} is the root disk too")
     return VolumePair(root, swap_volume)
+
+
+def image_path(volume: object, machine: str) -> Path:
+    """The image file or block device behind a local volume; `machine` names who needs it."""
+    if not isinstance(volume, LocalVolume):
+        raise InfraError(f"{volume!r}: {machine} runs on local image files or block devices only")
+    return volume.path

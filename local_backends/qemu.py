@@ -22,22 +22,21 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
+from cloudbuild.backend import BootResult, BuildSlot, Console, register
 from cloudbuild.disk.mkfs import mount_options
-from cloudbuild.errors import HostBroken, InfraError, UsageError
+from cloudbuild.errors import HostBroken, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.runner import terminate, which
+from cloudbuild.runner import which
 from cloudbuild.volume import VolumePair
 from local_backends import initramfs, kmod
 from local_backends.kernel import bootable_kernel, host_kernel, kernel_release
-from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import boot_machine, fuser_kill
+from local_backends.localvolume import image_path, local_volumes
+from local_backends.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
@@ -186,20 +185,16 @@ def _drive_path(path: Path) -> str:
 
 
 @register
-class QemuBackend(Backend):
+class QemuBackend(ProcessMachineBackend):
     name: ClassVar[str] = "qemu"
     accel: ClassVar[str] = "tcg"
     guest_swap_device: ClassVar[str | None] = GUEST_SWAP
 
     def __init__(self, options: VmOptions):
         super().__init__(options)
-        self.workdir: Path | None = None
-        self.pair: VolumePair | None = None
         self.root_kernel: Path | None = None
         self.root_initrd: Path | None = None
         self.root_modules: Path | None = None  # the build root kernel's modules, copied out
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._killed = False
         self._boot: tuple[Path, Path | None] | None = None
 
     # --- before anything is created ---------------------------------------------------------
@@ -290,8 +285,8 @@ class QemuBackend(Backend):
         kernel, initrd = self._boot
         options = self.options
         return QemuMachine(
-            root=_volume_path(pair.root),
-            swap=_volume_path(pair.swap) if pair.swap is not None else None,
+            root=image_path(pair.root, "qemu"),
+            swap=image_path(pair.swap, "qemu") if pair.swap is not None else None,
             kernel=kernel,
             initrd=initrd,
             memory_mib=options.vm_memory or DEFAULT_MEMORY_MIB,
@@ -305,39 +300,11 @@ class QemuBackend(Backend):
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
-        self.pair = pair
-        machine = self.machine(pair)
-        self._killed = False
-        return boot_machine(
-            machine.argv(),
-            console,
-            name=self.name,
-            watchdog=self.options.watchdog,
-            timeout=timeout,
-            started=self._procs,
-            kill=self.kill,
-            killed=lambda: self._killed,
-            workdir=slot.workdir,
+        return self.boot_process(
+            self.machine(pair).argv(), pair, slot, console, timeout=timeout, name=self.name
         )
 
-    def kill(self) -> None:
-        """Stop the VM: our qemu process, else whatever holds the root image (fuser -k)."""
-        self._killed = True
-        for proc in list(self._procs):
-            terminate(proc)
-        if self.pair is not None and isinstance(self.pair.root, LocalVolume):
-            root = self.pair.root.path
-            if root.exists() and not self._procs and fuser_kill(root):
-                log.warning("killed the processes holding the root image", image=str(root))
-
     def cleanup(self) -> None:
-        for proc in list(self._procs):
-            terminate(proc)
+        super().cleanup()
         if self.workdir is not None:
             shutil.rmtree(self.workdir / "boot", ignore_errors=True)
-
-
-def _volume_path(volume: object) -> Path:
-    if not isinstance(volume, LocalVolume):
-        raise InfraError(f"{volume!r}: qemu boots local image files or block devices only")
-    return volume.path

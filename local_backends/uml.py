@@ -17,20 +17,19 @@ obs-build's command line (`build-vm-uml`), with what it needs today:
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
+from cloudbuild.backend import BootResult, BuildSlot, Console, register
 from cloudbuild.disk.mkfs import mount_options
-from cloudbuild.errors import HostBroken, InfraError, UsageError
+from cloudbuild.errors import HostBroken, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.runner import terminate, which
+from cloudbuild.runner import which
 from cloudbuild.volume import VolumePair
 from local_backends import agentroot
-from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import boot_machine, clear_killed, fuser_kill
+from local_backends.localvolume import image_path, local_volumes
+from local_backends.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
@@ -91,16 +90,12 @@ def uml_argv(
 
 
 @register
-class UmlBackend(Backend):
+class UmlBackend(ProcessMachineBackend):
     name: ClassVar[str] = "uml"
     guest_swap_device: ClassVar[str | None] = GUEST_SWAP
 
     def __init__(self, options: VmOptions):
         super().__init__(options)
-        self.pair: VolumePair | None = None
-        self.workdir: Path | None = None
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._killed = False
         self._initrd: Path | None = None
 
     def verify(self) -> None:
@@ -127,8 +122,8 @@ class UmlBackend(Backend):
         )
         return uml_argv(
             kernel=uml_kernel(options),
-            root=_path(pair.root),
-            swap=_path(pair.swap) if pair.swap is not None else None,
+            root=image_path(pair.root, "uml"),
+            swap=image_path(pair.swap, "uml") if pair.swap is not None else None,
             initrd=initrd,
             memory_mib=options.vm_memory or DEFAULT_MEMORY_MIB,
             fstype=options.filesystem,
@@ -138,39 +133,4 @@ class UmlBackend(Backend):
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
-        self.pair = pair
-        self.workdir = slot.workdir
-        clear_killed(slot.workdir)
-        argv = self.argv(pair)
-        self._killed = False
-        return boot_machine(
-            argv,
-            console,
-            name="uml",
-            watchdog=self.options.watchdog,
-            timeout=timeout,
-            started=self._procs,
-            kill=self.kill,
-            killed=lambda: self._killed,
-            workdir=slot.workdir,
-        )
-
-    def kill(self) -> None:
-        self._killed = True
-        for proc in list(self._procs):
-            terminate(proc)
-        root = self.pair.root if self.pair is not None else None
-        if isinstance(root, LocalVolume) and not self._procs and fuser_kill(root.path):
-            log.warning("killed the processes holding the root image", image=str(root.path))
-
-    def cleanup(self) -> None:
-        for proc in list(self._procs):
-            terminate(proc)
-        if self.workdir is not None:
-            clear_killed(self.workdir)
-
-
-def _path(volume: object) -> Path:
-    if not isinstance(volume, LocalVolume):
-        raise InfraError(f"{volume!r}: uml boots local image files or block devices only")
-    return volume.path
+        return self.boot_process(self.argv(pair), pair, slot, console, timeout=timeout, name="uml")

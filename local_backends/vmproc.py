@@ -15,12 +15,15 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
-from cloudbuild.backend import BootResult, Console, ExitReason
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason
 from cloudbuild.log import get_logger
+from cloudbuild.options import VmOptions
 from cloudbuild.runner import Arg, run, spawn, terminate, which
+from cloudbuild.volume import VolumePair
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
+from local_backends.localvolume import LocalVolume
 
 log = get_logger(__name__)
 
@@ -142,6 +145,74 @@ def machine_outcome(exit_: ProcessExit, dog: Watchdog, *, name: str, killed: boo
     if dog.panicked:
         return BootResult(ExitReason.CRASHED, detail="kernel panic")
     return BootResult(ExitReason.POWERED_OFF)
+
+
+class ProcessMachineBackend(Backend):
+    """Base of the backends whose machine is one host process over local images (qemu, uml, xen,
+    emulator): the state they share, the boot under the watchdog, kill and cleanup."""
+
+    # kill also the processes holding the root image while our own process still runs (an
+    # emulator script's children may outlive it); otherwise only when we run nothing ourselves
+    # (`cloudbuild kill` from another process)
+    kill_image_holders_always: ClassVar[bool] = False
+
+    def __init__(self, options: VmOptions):
+        super().__init__(options)
+        self.pair: VolumePair | None = None
+        self.workdir: Path | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._killed = False
+
+    def boot_process(
+        self,
+        argv: Sequence[Arg],
+        pair: VolumePair,
+        slot: BuildSlot,
+        console: Console,
+        *,
+        timeout: float | None,
+        name: str,
+        stop: Callable[[], None] | None = None,
+        cwd: Arg | None = None,
+    ) -> BootResult:
+        self.pair = pair
+        self.workdir = slot.workdir
+        clear_killed(slot.workdir)
+        self._killed = False
+        return boot_machine(
+            argv,
+            console,
+            name=name,
+            watchdog=self.options.watchdog,
+            timeout=timeout,
+            started=self._procs,
+            kill=self.kill,
+            killed=lambda: self._killed,
+            workdir=slot.workdir,
+            stop=stop,
+            cwd=cwd,
+        )
+
+    def stop_processes(self) -> None:
+        for proc in list(self._procs):
+            terminate(proc)
+
+    def kill(self) -> None:
+        self._killed = True
+        ours = bool(self._procs)
+        self.stop_processes()
+        root = self.pair.root if self.pair is not None else None
+        if (
+            (self.kill_image_holders_always or not ours)
+            and isinstance(root, LocalVolume)
+            and fuser_kill(root.path)
+        ):
+            log.warning("killed the processes holding the root image", image=str(root.path))
+
+    def cleanup(self) -> None:
+        self.stop_processes()
+        if self.workdir is not None:
+            clear_killed(self.workdir)
 
 
 def fuser_kill(path: Path) -> bool:

@@ -19,19 +19,18 @@ The kernel is `--vm-kernel`, else /boot/vmlinuz-xen or /boot/vmlinuz; the ramdis
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, register
+from cloudbuild.backend import BootResult, BuildSlot, Console, register
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.runner import CommandError, run, terminate, which
+from cloudbuild.runner import CommandError, run, which
 from cloudbuild.volume import VolumePair
-from local_backends.localvolume import LocalVolume, local_volumes
-from local_backends.vmproc import boot_machine, clear_killed
+from local_backends.localvolume import image_path, local_volumes
+from local_backends.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
@@ -89,7 +88,7 @@ def config_text(
 
 
 @register
-class XenBackend(Backend):
+class XenBackend(ProcessMachineBackend):
     name: ClassVar[str] = "xen"
 
     def __init__(self, options: VmOptions):
@@ -98,11 +97,7 @@ class XenBackend(Backend):
             self.tool = xen_tool()
         except HostBroken:
             self.tool = "xl"  # verify() reports it
-        self.workdir: Path | None = None
         self.build_id: str | None = None
-        self.pair: VolumePair | None = None
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._killed = False
         self._initrd: Path | None = None
 
     @property
@@ -161,9 +156,9 @@ class XenBackend(Backend):
 
     def argv(self, pair: VolumePair, config: Path, name: str) -> list[str]:
         root_dev, swap_dev, console = devices(self.tool)
-        disks = [disk_spec(_path(pair.root), root_dev)]
+        disks = [disk_spec(image_path(pair.root, "xen"), root_dev)]
         if pair.swap is not None:
-            disks.append(disk_spec(_path(pair.swap), swap_dev))
+            disks.append(disk_spec(image_path(pair.swap, "xen"), swap_dev))
         fs = self.options.filesystem
         params = ["panic=1", "quiet", f"init={GUEST_INIT}", f"rootfstype={fs}"]
         flags = mount_options(fs, self.options.mount_options)
@@ -197,10 +192,7 @@ class XenBackend(Backend):
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
-        self.pair = pair
-        self.workdir = slot.workdir
         self.build_id = slot.build_id
-        clear_killed(slot.workdir)
         name = domain_name(slot.build_id)
         if self.exists(name):
             raise InfraError(
@@ -219,18 +211,14 @@ class XenBackend(Backend):
                 console=xen_console,
             )
         )
-        self._killed = False
         # at the timeout the domain is destroyed first; `xl create -c` (only its console) then ends
-        return boot_machine(
+        return self.boot_process(
             self.argv(pair, config, name),
+            pair,
+            slot,
             console,
-            name=f"{self.tool} create",
-            watchdog=self.options.watchdog,
             timeout=timeout,
-            started=self._procs,
-            kill=self.kill,
-            killed=lambda: self._killed,
-            workdir=slot.workdir,
+            name=f"{self.tool} create",
             stop=self.kill,
         )
 
@@ -244,18 +232,9 @@ class XenBackend(Backend):
                     run([self.tool, "destroy", name], timeout=120)
                 except CommandError as exc:
                     raise InfraError(f"could not kill xen domain {name}: {exc}") from exc
-        for proc in list(self._procs):
-            terminate(proc)
+        self.stop_processes()
 
     def cleanup(self) -> None:
-        for proc in list(self._procs):
-            terminate(proc)
+        super().cleanup()
         if self.workdir is not None:
             (self.workdir / "xen.conf").unlink(missing_ok=True)
-            clear_killed(self.workdir)
-
-
-def _path(volume: object) -> Path:
-    if not isinstance(volume, LocalVolume):
-        raise InfraError(f"{volume!r}: xen boots local image files or block devices only")
-    return volume.path
