@@ -35,12 +35,11 @@ from tests.fakes.moto_server import (  # noqa: F401 - fixtures
     ec2_world_fixture,
     moto_server_fixture,
 )
+from tests.vm.localbuild import recipe as write_recipe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-RECIPE = """#!/bin/sh
-set -e
-echo "building on $(uname -m) with $BUILD_JOBS job(s)"
+RECIPE = """echo "building on $(uname -m) with $BUILD_JOBS job(s)"
 mkdir -p "$BUILD_RESULTS/sub"
 echo "hello from the ec2 builder" > "$BUILD_RESULTS/hello.txt"
 seq 1 3000 > "$BUILD_RESULTS/sub/numbers"
@@ -96,10 +95,7 @@ def qemu_builder(timeout: float) -> object:
 def test_a_real_build_on_an_emulated_ec2_builder(ec2_world: Ec2World, tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
     busybox_rootfs(rootfs)
-    recipe = tmp_path / "src" / "build.sh"
-    recipe.parent.mkdir()
-    recipe.write_text(RECIPE)
-    recipe.chmod(0o755)
+    recipe = write_recipe(tmp_path / "src", RECIPE)
     dest = tmp_path / "out"
     ec2_world.emulator.play = qemu_builder(timeout=600)  # type: ignore[assignment]
     backend = ec2_world.backend(via_imds=True, rootfs=str(rootfs), dest=str(dest), build_id="e2e")

@@ -30,12 +30,11 @@ from cloudbuild.options import VmOptions
 from tests.cloud.openstack_emulation import FAST, Emulation, Sink, make_backend, qemu_guest
 from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
 from tests.fakes.openstack import FakeOpenStack
+from tests.vm.localbuild import recipe as write_recipe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
-RECIPE = """#!/bin/sh
-set -e
-echo "building on $(uname -m) with $BUILD_JOBS job(s)"
+RECIPE = """echo "building on $(uname -m) with $BUILD_JOBS job(s)"
 mkdir -p "$BUILD_RESULTS/sub"
 echo "hello from the openstack builder" > "$BUILD_RESULTS/hello.txt"
 seq 1 2000 > "$BUILD_RESULTS/sub/numbers"
@@ -65,10 +64,7 @@ def emu(
 def test_a_real_build_on_an_emulated_openstack_builder(emu: Emulation, tmp_path: Path) -> None:
     rootfs = tmp_path / "rootfs"
     busybox_rootfs(rootfs)
-    recipe = tmp_path / "src" / "build.sh"
-    recipe.parent.mkdir()
-    recipe.write_text(RECIPE)
-    recipe.chmod(0o755)
+    recipe = write_recipe(tmp_path / "src", RECIPE)
     dest = tmp_path / "out"
     given: dict[str, object] = {
         "vm_kernel": "cirros",  # the builder image's name in the fake's Glance
@@ -98,10 +94,7 @@ def test_cloudbuild_build_command_line_on_openstack(
     """`cloudbuild build --vm-type openstack ...` as a farm runs it: options, OS_CLOUD, metadata service."""
     rootfs = tmp_path / "rootfs"
     busybox_rootfs(rootfs)
-    recipe = tmp_path / "src" / "build.sh"
-    recipe.parent.mkdir()
-    recipe.write_text(RECIPE)
-    recipe.chmod(0o755)
+    recipe = write_recipe(tmp_path / "src", RECIPE)
     monkeypatch.setenv("CLOUDBUILD_OPENSTACK_METADATA_URL", emu.fake.metadata_url)
     monkeypatch.setenv("CLOUDBUILD_STATE_DIR", str(tmp_path / "state"))
     (tmp_path / "tmp").mkdir()

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from local_backends.kvm import kvm_problem
+from tests.vm import localbuild
+from tests.vm.localbuild import recipe, tree
 
 pytestmark = pytest.mark.vm
 
@@ -39,16 +41,8 @@ def qemu_processes(marker: str) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="session")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("rootfs") / "root"
-    subprocess.run([*CLI, "rootfs", str(target)], check=True, capture_output=True)
-    return target
+rootfs = localbuild.rootfs
+cache = localbuild.cache
 
 
 @pytest.fixture(autouse=True)
@@ -58,14 +52,6 @@ def no_qemu_left(tmp_path: Path) -> Iterator[None]:
     for pid in left:
         os.kill(pid, 9)
     assert not left, f"qemu processes left behind: {left}"
-
-
-def recipe(folder: Path, body: str, name: str = "build.sh") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text("#!/bin/sh\nset -e\n" + body)
-    path.chmod(0o755)
-    return path
 
 
 def build(
@@ -102,22 +88,6 @@ def build(
         str(script),
     ]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def tree(top: Path) -> dict[str, str]:
-    """relative path -> 'd', 'l:target' or the sha256 of the file."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(top))
-            if path.is_symlink():
-                out[rel] = "l:" + os.readlink(path)
-            elif path.is_dir():
-                out[rel] = "d"
-            else:
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
 
 
 def test_success_returns_results_byte_exact_with_log_and_statistics(
