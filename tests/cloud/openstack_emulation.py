@@ -1,7 +1,8 @@
 """The worker host around the fake OpenStack: image files for volumes, udev, and a builder.
 
-`Emulation(fake, tmp_path)` extends a started `tests.fakes.openstack.FakeOpenStack` (without
-changing the fake itself) so that the real backend code runs end to end on one machine:
+`Emulation(fake, tmp_path)` extends a started `tests.fakes.openstack.FakeOpenStack` through its
+public observer hooks (`on_volume_created`, `on_attached`, `on_detached`, `on_booted`) so that
+the real backend code runs end to end on one machine:
 
 - every Cinder volume is an image file (`images/<volume id>.img`, sparse, of the volume's size);
 - "udev": while a volume is attached to the worker server, `dev/disk/by-id/virtio-<id[:20]>`
@@ -66,44 +67,36 @@ class Emulation:
         self.dev_root = self.base / "dev"
         self.images.mkdir(parents=True, exist_ok=True)
         (self.dev_root / "disk" / "by-id").mkdir(parents=True, exist_ok=True)
-        cloud = self.fake.cloud
-        create_volume, mark_attached = cloud.create_volume, cloud._mark_attached
-        mark_detached, boot_done = cloud._mark_detached, cloud._boot_done
+        self.fake.on_volume_created(self._volume_created)
+        self.fake.on_attached(self._attached)
+        self.fake.on_detached(self._detached)
+        self.fake.on_booted(self._booted)
 
-        def on_create_volume(**kwargs: Any) -> FakeVolume:
-            vol = create_volume(**kwargs)
-            with open(self.image(vol.id), "wb") as f:
-                f.truncate(vol.size * GIB)
-            if self.on_volume is not None:
-                self.on_volume(vol)
-            return vol
+    # -- the fake's observers (called with its lock held) -------------------------------------------
+    def _volume_created(self, vol: FakeVolume) -> None:
+        with open(self.image(vol.id), "wb") as f:
+            f.truncate(vol.size * GIB)
+        if self.on_volume is not None:
+            self.on_volume(vol)
 
-        def on_attached(server: FakeServer, vol: FakeVolume, bdm: Bdm) -> None:
-            mark_attached(server, vol, bdm)
-            if server.id == self.fake.worker_server_id:
-                link = self.link(vol.id)
-                with contextlib.suppress(FileNotFoundError):
-                    link.unlink()
-                link.symlink_to(self.image(vol.id))
+    def _attached(self, server: FakeServer, vol: FakeVolume, bdm: Bdm) -> None:
+        if server.id == self.fake.worker_server_id:
+            link = self.link(vol.id)
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            link.symlink_to(self.image(vol.id))
 
-        def on_detached(server: FakeServer, vol: FakeVolume) -> None:
-            mark_detached(server, vol)
-            if server.id == self.fake.worker_server_id:
-                with contextlib.suppress(FileNotFoundError):
-                    self.link(vol.id).unlink()
+    def _detached(self, server: FakeServer, vol: FakeVolume) -> None:
+        if server.id == self.fake.worker_server_id:
+            with contextlib.suppress(FileNotFoundError):
+                self.link(vol.id).unlink()
 
-        def on_boot_done(server: FakeServer) -> None:
-            boot_done(server)
-            if server.id != self.fake.worker_server_id and self.guest is not None:
-                disks = [self.image(b.volume_id) for b in server.bdms]
-                thread = threading.Thread(target=self._run_guest, args=(server.id, disks), daemon=True)
-                self.threads.append(thread)
-                thread.start()
-
-        cloud.create_volume = on_create_volume  # type: ignore[method-assign]
-        cloud._mark_attached = on_attached  # type: ignore[method-assign]
-        cloud._mark_detached = on_detached  # type: ignore[method-assign]
-        cloud._boot_done = on_boot_done  # type: ignore[method-assign]
+    def _booted(self, server: FakeServer) -> None:
+        if server.id != self.fake.worker_server_id and self.guest is not None:
+            disks = [self.image(b.volume_id) for b in server.bdms]
+            thread = threading.Thread(target=self._run_guest, args=(server.id, disks), daemon=True)
+            self.threads.append(thread)
+            thread.start()
 
     def image(self, volume_id: str) -> Path:
         return self.images / f"{volume_id}.img"
@@ -130,7 +123,7 @@ class Emulation:
 
     def tagged(self) -> dict[str, list[str]]:
         """Servers and volumes that carry cloudbuild's tags: after a build there must be none."""
-        with self.fake._lock:
+        with self.fake.lock:
             servers = [s.id for s in self.fake.cloud.servers.values() if _tagged(s.metadata)]
             volumes = [v.id for v in self.fake.cloud.volumes.values() if _tagged(v.metadata)]
         return {"servers": servers, "volumes": volumes}

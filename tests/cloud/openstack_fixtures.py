@@ -3,11 +3,22 @@
 A test module loads them with (a plain import would trip ruff's F811 on every fixture argument)::
 
     pytest_plugins = ["tests.cloud.openstack_fixtures"]
+
+None of them is autouse (a plugin's fixtures are visible to every test). A module that runs the
+backend against the emulated worker host asks for them with
+``pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")`` and tunes them with module-level
+constants:
+
+- ``EMULATION_GUEST``: the builder (`openstack_emulation.Guest`) that runs when a builder server
+  boots; default none (builders just stay ACTIVE);
+- ``EMULATION_JOIN_TIMEOUT``: seconds ``emu``'s teardown waits for running guests (default 60);
+- ``RETRY_SLEEP_CAP``: the longest sleep ``cloudbuild.retry`` may take (default 0.02 s).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +26,8 @@ import openstack
 import openstack.connection
 import pytest
 
+import cloudbuild.retry
+from tests.cloud.openstack_emulation import Emulation
 from tests.fakes.openstack import FakeOpenStack
 
 
@@ -52,3 +65,27 @@ def openstack_cloud_env(openstack_fake: FakeOpenStack, tmp_path: Path,
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(path))
     monkeypatch.setenv("OS_CLOUD", name)
     return name
+
+
+# -- the worker host around the fake (tests/cloud/openstack_emulation.py) ---------------------------
+
+
+@pytest.fixture
+def fast_sleeps(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """cloudbuild.retry sleeps at most the module's ``RETRY_SLEEP_CAP`` seconds (default 0.02)."""
+    cap: float = getattr(request.module, "RETRY_SLEEP_CAP", 0.02)
+    monkeypatch.setattr(cloudbuild.retry, "_sleep", lambda s: time.sleep(min(s, cap)))
+
+
+@pytest.fixture
+def emu(openstack_fake: FakeOpenStack, openstack_cloud_env: str, tmp_path: Path,
+        request: pytest.FixtureRequest) -> Iterator[Emulation]:
+    """The fake with the worker host emulated around it (image files, udev, the module's
+    ``EMULATION_GUEST`` as builder). Afterwards: the guests ended without crashing, and no
+    cloudbuild-tagged server or volume is left in the cloud, nothing attached to the worker."""
+    emulation = Emulation(openstack_fake, tmp_path / "host", guest=getattr(request.module, "EMULATION_GUEST", None))
+    yield emulation
+    emulation.join(timeout=getattr(request.module, "EMULATION_JOIN_TIMEOUT", 60.0))
+    assert not emulation.errors, emulation.errors
+    assert emulation.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
+    assert emulation.attached_here() == [], "volumes left attached to the worker"

@@ -14,7 +14,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +30,13 @@ from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
 from tests.cloud.openstack_emulation import FAST, Emulation, Sink, Steps, make_backend, scripted_guest
-from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
 
-
-@pytest.fixture(autouse=True)
-def fast_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cloudbuild.retry, "_sleep", lambda s: time.sleep(min(s, 0.02)))
-
-
-@pytest.fixture
-def emu(
-    openstack_fake: FakeOpenStack,  # noqa: F811
-    openstack_cloud_env: str,  # noqa: F811
-    tmp_path: Path,
-) -> Iterator[Emulation]:
-    emulation = Emulation(openstack_fake, tmp_path / "host", guest=scripted_guest(0))
-    yield emulation
-    emulation.join()
-    assert not emulation.errors, emulation.errors
-
-
-@pytest.fixture(autouse=True)
-def no_leaks(emu: Emulation) -> Iterator[None]:
-    """After every test: no cloudbuild-tagged server or volume in the cloud, nothing attached here."""
-    yield
-    assert emu.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
-    assert emu.attached_here() == [], "volumes left attached to the worker"
+# fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
+# cloud and nothing is attached here (tests/cloud/openstack_fixtures.py).
+pytest_plugins = ["tests.cloud.openstack_fixtures"]
+pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")
+EMULATION_GUEST = scripted_guest(0)
 
 
 def backend_for(emu: Emulation, tmp_path: Path, **options: Any) -> OpenStackBackend:
@@ -223,7 +202,7 @@ def test_verify_needs_the_builder_image(emu: Emulation, tmp_path: Path) -> None:
 
 
 def test_supplied_volumes_are_wiped_used_and_kept(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     conn = backend_for(emu, tmp_path).api.conn
     root = conn.block_storage.create_volume(size=1, name="obs-root")
@@ -250,7 +229,7 @@ def test_unknown_supplied_volume_is_a_usage_error(emu: Emulation, tmp_path: Path
 
 
 def test_volume_that_flips_back_to_available_is_attached_again(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     emu.on_volume = lambda vol: setattr(vol, "fail_next_attach", True)
     outcome, _ = build(emu, tmp_path)
@@ -265,7 +244,7 @@ def test_volume_that_flips_back_to_available_is_attached_again(
 
 
 def test_5xx_and_connection_resets_are_retried(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     openstack_fake.inject("POST", r"/volume/v3/[^/]+/volumes$", status=503, times=2)
     openstack_fake.inject_reset("POST", r"/os-volume_attachments$", times=1)
@@ -280,7 +259,7 @@ def test_5xx_and_connection_resets_are_retried(
 
 
 def test_lost_answers_are_adopted_not_repeated(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     """The answer lost after the cloud did the work: the retry finds the volume, server or
     attachment instead of leaking a second one or failing on "already attached"."""
@@ -310,7 +289,7 @@ def test_lost_answers_are_adopted_not_repeated(
 
 
 def test_api_down_for_longer_than_the_retry_deadline_is_exit_3(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     backend = backend_for(emu, tmp_path)
     backend.api.policy = cloudbuild.retry.Policy(deadline=1, initial=0.01, maximum=0.01, attempts=3)
@@ -331,7 +310,7 @@ def test_api_down_for_longer_than_the_retry_deadline_is_exit_3(
     ],
 )
 def test_quota_refusal_is_exit_3_and_leaves_nothing(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path, method: str, path: str, status: int  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path, method: str, path: str, status: int
 ) -> None:
     openstack_fake.inject_quota(method, path, status=status)
     outcome, _ = build(emu, tmp_path)
@@ -341,7 +320,7 @@ def test_quota_refusal_is_exit_3_and_leaves_nothing(
 
 
 def test_real_quota_exhaustion_is_exit_3(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     openstack_fake.cloud.quotas.volumes = 1
     outcome, _ = build(emu, tmp_path)
@@ -413,7 +392,7 @@ def _unstick(fake: FakeOpenStack, backend_api: Any, volume_ids: list[str]) -> No
 
 
 def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     for attempt, expected in ((1, ExitCode.INFRA), (2, ExitCode.HOST_BROKEN)):
         emu.on_volume = _stuck_on_first_attach("attaching")
@@ -431,7 +410,7 @@ def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
 
 
 def test_volume_stuck_detaching_is_exit_3(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     emu.on_volume = _stuck_on_first_attach("detaching")
     backend = backend_for(emu, tmp_path)
@@ -442,7 +421,7 @@ def test_volume_stuck_detaching_is_exit_3(
 
 
 def test_stuck_volume_repeating_raises_host_broken_directly(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     backend = backend_for(emu, tmp_path)
     backend.verify()
@@ -460,7 +439,7 @@ def test_stuck_volume_repeating_raises_host_broken_directly(
 
 
 def test_tokens_expiring_mid_build_are_renewed(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     def guest(server_id: str, disks: list[Path], e: Emulation) -> str | None:
         e.fake.expire_tokens()
@@ -532,7 +511,7 @@ def test_backend_kill_in_the_building_process_fails_the_build(emu: Emulation, tm
 
 
 def test_console_trouble_never_fails_the_build(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     openstack_fake.inject("POST", r"/action$", status=409, times=3)  # e.g. "instance not ready"
     outcome, sink = build(emu, tmp_path)
@@ -571,7 +550,7 @@ def test_volume_states_follow_cinder(emu: Emulation, tmp_path: Path) -> None:
 
 
 def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
-    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path  # noqa: F811
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
 ) -> None:
     def guest(server_id: str, disks: list[Path], e: Emulation) -> str | None:
         e.fake.stick_server(server_id, "deleting")

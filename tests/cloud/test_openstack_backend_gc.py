@@ -13,13 +13,11 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import cloudbuild.retry
 from cloudbuild import cli
 from cloudbuild import log as cblog
 from cloudbuild.cloud.common import build_tags, format_time, sweep, utcnow
@@ -29,33 +27,14 @@ from cloudbuild.retry import wait_for
 from cloudbuild.runner import spawn, terminate
 from cloudbuild.volume import TAG_GC_SEEN
 from tests.cloud.openstack_emulation import FAST, Emulation
-from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
-from tests.fakes.openstack import FakeOpenStack
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(autouse=True)
-def fast_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cloudbuild.retry, "_sleep", lambda s: time.sleep(min(s, 0.02)))
-
-
-@pytest.fixture
-def emu(
-    openstack_fake: FakeOpenStack,  # noqa: F811
-    openstack_cloud_env: str,  # noqa: F811
-    tmp_path: Path,
-) -> Iterator[Emulation]:
-    emulation = Emulation(openstack_fake, tmp_path / "host")
-    yield emulation
-    emulation.join(timeout=10)
-
-
-@pytest.fixture(autouse=True)
-def no_leaks(emu: Emulation) -> Iterator[None]:
-    """After every test: no cloudbuild-tagged server or volume left in the cloud."""
-    yield
-    assert emu.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
+# fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
+# cloud (tests/cloud/openstack_fixtures.py). No builder runs a guest here.
+pytest_plugins = ["tests.cloud.openstack_fixtures"]
+pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")
+EMULATION_JOIN_TIMEOUT = 10.0
 
 
 @pytest.fixture

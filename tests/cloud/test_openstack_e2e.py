@@ -11,14 +11,11 @@ staging, extraction by the blocklist manifest) and the OpenStack backend.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import cloudbuild.backend as backend_registry
-import cloudbuild.retry
 from cloudbuild import cli
 from cloudbuild import log as cblog
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
@@ -28,11 +25,15 @@ from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions
 from tests.cloud.openstack_emulation import FAST, Emulation, Sink, make_backend, qemu_guest
-from tests.cloud.openstack_fixtures import openstack_cloud_env, openstack_fake  # noqa: F401
-from tests.fakes.openstack import FakeOpenStack
 from tests.vm.localbuild import recipe as write_recipe
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow]
+# fast_sleeps, and emu: afterwards the guest ended without crashing, no cloudbuild-tagged server or
+# volume is left in the cloud and nothing is attached here (tests/cloud/openstack_fixtures.py).
+pytest_plugins = ["tests.cloud.openstack_fixtures"]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.usefixtures("fast_sleeps", "emu")]
+EMULATION_GUEST = qemu_guest(timeout=600)
+EMULATION_JOIN_TIMEOUT = 700.0
+RETRY_SLEEP_CAP = 0.05
 
 RECIPE = """echo "building on $(uname -m) with $BUILD_JOBS job(s)"
 mkdir -p "$BUILD_RESULTS/sub"
@@ -40,25 +41,6 @@ echo "hello from the openstack builder" > "$BUILD_RESULTS/hello.txt"
 seq 1 2000 > "$BUILD_RESULTS/sub/numbers"
 echo "recipe done"
 """
-
-
-@pytest.fixture(autouse=True)
-def fast_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cloudbuild.retry, "_sleep", lambda s: time.sleep(min(s, 0.05)))
-
-
-@pytest.fixture
-def emu(
-    openstack_fake: FakeOpenStack,  # noqa: F811
-    openstack_cloud_env: str,  # noqa: F811
-    tmp_path: Path,
-) -> Iterator[Emulation]:
-    emulation = Emulation(openstack_fake, tmp_path / "host", guest=qemu_guest(timeout=600))
-    yield emulation
-    emulation.join(timeout=700)
-    assert not emulation.errors, emulation.errors
-    assert emulation.tagged() == {"servers": [], "volumes": []}, "cloudbuild resources leaked"
-    assert emulation.attached_here() == []
 
 
 def test_a_real_build_on_an_emulated_openstack_builder(emu: Emulation, tmp_path: Path) -> None:
