@@ -1,7 +1,8 @@
 """A hostile guest writes the manifest: every bad one fails with exit 3 and leaves nothing behind.
 
-The curated corpus is tests/disk/hostile/*.manifest (read with --skip 0 against a 1 MiB raw disk);
-the hypothesis fuzz below generates manifests from a grammar of dangerous tokens. For a long fuzz
+The curated corpus is tests/disk/hostile/{obs,obs-2018}/*.manifest, every case in both forms (read
+with --skip 0 and the matching --manifest-format against a 1 MiB raw disk); the hypothesis fuzz
+below generates manifests from a grammar of dangerous tokens, in both forms. For a long fuzz
 run: CLOUDBUILD_FUZZ_EXAMPLES=200000 pytest tests/disk/test_extract_hostile.py -k fuzz
 """
 
@@ -22,13 +23,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloudbuild.commands.extract import main
 from cloudbuild.disk import extract
-from cloudbuild.disk.extract import RawDisk, extract_stream, main
+from cloudbuild.disk.extract import RawDisk, extract_stream
+from cloudbuild.disk.manifest import DIALECTS, Dialect
 from cloudbuild.errors import InfraError, UntrustedData
 
 from .conftest import leftovers
+from .forms import in_form, to_today
+from .hostile import regenerate
 
-CORPUS = sorted((Path(__file__).parent / "hostile").glob("*.manifest"))
+HOSTILE = Path(__file__).parent / "hostile"
+CORPUS = [(form, case) for form in DIALECTS for case in sorted((HOSTILE / form).glob("*.manifest"))]
 DISK_SIZE = 1024 * 1024
 FUZZ_EXAMPLES = int(os.environ.get("CLOUDBUILD_FUZZ_EXAMPLES", "200"))
 
@@ -40,15 +46,20 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return disk
 
 
-def test_corpus_is_large_enough() -> None:
-    assert len(CORPUS) >= 25
+def test_corpus_is_large_enough_and_every_case_is_in_both_forms() -> None:
+    old = sorted(p.name for p in (HOSTILE / "obs-2018").glob("*.manifest"))
+    assert len(old) >= 70
+    assert sorted(p.name for p in (HOSTILE / "obs").glob("*.manifest")) == old
+    assert {name: (HOSTILE / "obs" / name).read_bytes() for name in old} == regenerate.generated()
 
 
-@pytest.mark.parametrize("case", CORPUS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(("form", "case"), CORPUS, ids=lambda x: x.stem if isinstance(x, Path) else x)
 def test_hostile_manifest_fails_cleanly_with_exit_3(
-    case: Path, small_disk: Path, dest: Path, capsys: pytest.CaptureFixture[str]
+    form: str, case: Path, small_disk: Path, dest: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["--disk", str(small_disk), "--input", str(case), "--dest", str(dest)])
+    code = main(
+        ["--disk", str(small_disk), "--input", str(case), "--dest", str(dest), "--manifest-format", form]
+    )
     err = capsys.readouterr().err
     assert code == 3, err
     reason = [line for line in err.splitlines() if line.startswith("cloudbuild extract: ")]
@@ -56,13 +67,18 @@ def test_hostile_manifest_fails_cleanly_with_exit_3(
     assert leftovers(dest) == []
 
 
-def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: Path) -> None:
+@pytest.mark.parametrize("form", DIALECTS)
+def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: Path, form: Dialect) -> None:
     """The corpus harness can tell success from failure."""
     good = dest.parent.parent / "good.manifest"
     good.write_bytes(
-        b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n"
+        in_form(
+            b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n",
+            form,
+        )
     )
-    assert main(["--disk", str(small_disk), "--input", str(good), "--dest", str(dest)]) == 0
+    argv = ["--disk", str(small_disk), "--input", str(good), "--dest", str(dest), "--manifest-format", form]
+    assert main(argv) == 0
     data = small_disk.read_bytes()
     assert (dest / "ok" / "data").read_bytes() == data[1024:3072]
     assert (dest / "ok" / "hole").read_bytes() == bytes(2048) + data[3172:3272] + bytes(852)
@@ -74,8 +90,10 @@ def test_setuid_setgid_and_sticky_claims_come_back_as_permission_bits_only(
 ) -> None:
     manifest = dest.parent.parent / "claims.manifest"
     manifest.write_bytes(
-        b"f suid 2048 1024 1-2\nd sticky\nf sticky/sgid 0\nf plain 0\n\n"
-        b"%modes\nsuid 4755\nsticky 1777\nsticky/sgid 2750\nplain 0600\n\n"
+        to_today(
+            b"f suid 2048 1024 1-2\nd sticky\nf sticky/sgid 0\nf plain 0\n\n"
+            b"%modes\nsuid 4755\nsticky 1777\nsticky/sgid 2750\nplain 0600\n\n"
+        )
     )
     assert main(["--disk", str(small_disk), "--input", str(manifest), "--dest", str(dest)]) == 0
     modes = {
@@ -123,7 +141,11 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
     shutil.copy(small_disk, work / "disk")
     (work / "dest").mkdir()
     proc = _as_nobody(
-        [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", "disk", "--input", "m", "--dest", "dest"],
+        [
+            sys.executable,
+            *(["-m", "cloudbuild.commands.extract", "--manifest-format", "obs-2018"]),
+            *(["--disk", "disk", "--input", "m", "--dest", "dest"]),
+        ],
         work,
     )
     assert proc.returncode == 0, proc.stderr
@@ -143,7 +165,9 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
         [
             sys.executable,
             "-m",
-            "cloudbuild.disk.extract",
+            "cloudbuild.commands.extract",
+            "--manifest-format",
+            "obs-2018",
             "--disk",
             "disk",
             "--input",
@@ -160,7 +184,7 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
 
 def test_hostile_manifest_through_the_command_line(small_disk: Path, dest: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", str(small_disk), "--dest", str(dest)],
+        [sys.executable, "-m", "cloudbuild.commands.extract", "--disk", str(small_disk), "--dest", str(dest)],
         input=b"d a\nf a/../../etc/passwd 0\n",
         capture_output=True,
     )
@@ -174,7 +198,7 @@ def test_existing_symlink_in_destination_is_not_written_through(small_disk: Path
     outside.mkdir()
     os.symlink(outside, dest / "a")
     with pytest.raises(UntrustedData, match="already exists"):
-        extract_stream(RawDisk(os.open(small_disk, os.O_RDONLY)), io.BytesIO(b"d a\nf a/x 0\n\n"), dest=dest)
+        extract_stream(RawDisk(os.open(small_disk, os.O_RDONLY)), io.BytesIO(to_today(b"d a\nf a/x 0\n\n")), dest=dest)
     assert os.listdir(outside) == []
 
 
@@ -186,11 +210,11 @@ def test_line_and_entry_limits(small_disk: Path, dest: Path) -> None:
         disk = RawDisk(fd)
         with pytest.raises(UntrustedData, match="longer than"):
             extract_stream(
-                disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100)
+                disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100), dialect="obs-2018"
             )
         with pytest.raises(UntrustedData, match="more than 3 entries"):
             extract_stream(
-                disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3)
+                disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3), dialect="obs-2018"
             )
         with pytest.raises(UntrustedData, match="longer than 50 bytes"):
             extract_stream(
@@ -198,6 +222,7 @@ def test_line_and_entry_limits(small_disk: Path, dest: Path) -> None:
                 io.BytesIO(b"".join(b"f %d 0\n" % i for i in range(20))),
                 dest=dest,
                 limits=Limits(max_manifest=50),
+                dialect="obs-2018",
             )
     finally:
         os.close(fd)
@@ -357,8 +382,11 @@ def _all_paths(root: str) -> Iterator[str]:
 @settings(
     max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(data=_manifest(), max_size=st.sampled_from([None, 0, 4096, 100_000]))
-def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, max_size: int | None) -> None:
+@given(data=_manifest(), max_size=st.sampled_from([None, 0, 4096, 100_000]), form=st.sampled_from(DIALECTS))
+def test_fuzz_extractor_stays_inside_its_bounds(
+    small_disk: Path, data: bytes, max_size: int | None, form: Dialect
+) -> None:
+    data = in_form(data, form)
     guard = _Guard(DISK_SIZE)
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as sandbox:
         patch.setattr(extract._Copier, "copy", guard.wrap(extract._Copier.copy))
@@ -368,7 +396,7 @@ def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, m
         canary.mkdir()
         fd = os.open(small_disk, os.O_RDONLY)
         try:
-            extract_stream(RawDisk(fd), io.BytesIO(data), dest=dest, max_size=max_size)
+            extract_stream(RawDisk(fd), io.BytesIO(data), dest=dest, max_size=max_size, dialect=form)
             ok = True
         except UntrustedData:
             ok = False
@@ -410,7 +438,7 @@ def test_a_failure_while_moving_into_place_takes_back_what_was_moved(
     fd = os.open(small_disk, os.O_RDONLY)
     try:
         with pytest.raises(InfraError, match="No space left"):
-            extract_stream(RawDisk(fd), io.BytesIO(b"d a\nf b 0\nf c 0\nf d 0\n\n"), dest=dest)
+            extract_stream(RawDisk(fd), io.BytesIO(to_today(b"d a\nf b 0\nf c 0\nf d 0\n\n")), dest=dest)
     finally:
         os.close(fd)
     assert calls[:3] == [b"a", b"b", b"c"]
