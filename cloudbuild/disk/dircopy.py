@@ -50,7 +50,7 @@ MAX_DEPTH = 64
 MAX_LINK = 4096
 MAX_NAME_BYTES = 64 * 1024 * 1024  # of all entry names together: memory stays bounded
 MAX_RESOLVE_HOPS = 1_000_000  # symlinks followed re-resolving all links, in all
-MAX_RESOLVE_BYTES = 64 * 1024 * 1024  # of link targets walked doing so
+MAX_RESOLVE_BYTES = 16 * 1024 * 1024  # of link targets walked doing so
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -92,7 +92,7 @@ class _Copier:
         self.entries = 0
         self.name_bytes = 0
         self.links: list[PurePosixPath] = []
-        self.budget = ResolveBudget()
+        self.budget = ResolveBudget(MAX_RESOLVE_HOPS, MAX_RESOLVE_BYTES)
 
     def check(self) -> None:
         if self.deadline is not None:

@@ -140,7 +140,8 @@ class Qcow2Image:
         if l1_index < len(self._l1) and self._l1[l1_index] & _OFFSET_MASK == 0:
             if self._l1[l1_index] & _L1_RESERVED:
                 raise UntrustedData(f"qcow2: bad L1 entry {l1_index}")
-            return ((l1_index + 1) << self.l2_bits) - vcluster
+            span: int = ((l1_index + 1) << self.l2_bits) - vcluster
+            return span
         return 0
 
     def _cluster(self, vcluster: int) -> int | None:

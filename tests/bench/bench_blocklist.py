@@ -72,7 +72,7 @@ def main() -> int:
             commands = {
                 "cloudbuild blocklist": (
                     [
-                        f"find RPMS -print0 | {python} -m cloudbuild.disk.blocklist --format obs --manifest - -0"
+                        f"find RPMS -print0 | {python} -m cloudbuild.commands.blocklist --format obs --manifest - -0"
                     ],
                     True,
                 ),
