@@ -185,11 +185,14 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
 def test_hostile_manifest_through_the_command_line(small_disk: Path, dest: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cloudbuild.commands.extract", "--disk", str(small_disk), "--dest", str(dest)],
-        input=b"d a\nf a/../../etc/passwd 0\n",
+        input=b"d a 5\nf a/../../etc/passwd 5 0\n",
         capture_output=True,
     )
     assert proc.returncode == 3
-    assert proc.stderr.decode().strip().splitlines()[-1].startswith("cloudbuild extract: ")
+    # the reason is the name rule itself: exit 3 alone would also come from the parent rule
+    reason = proc.stderr.decode().strip().splitlines()[-1]
+    assert reason.startswith("cloudbuild extract: manifest: line 2: "), reason
+    assert "'..' component: 'a/../../etc/passwd'" in reason, reason
     assert leftovers(dest) == []
 
 

@@ -275,3 +275,30 @@ def test_parser_raises_only_untrusted_data(data: bytes, dialect: manifest.Dialec
 )
 def test_symlink_rules_are_extractbuilds(name: bytes, target: bytes, ok: bool) -> None:
     assert (manifest.symlink_problem(name, target) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        (b"a/../b", "'..' component"),  # `..` in the middle: tested here, not through the parent rule
+        (b"a/b/../../c", "'..' component"),
+        (b"a/./b", "'.' or '..' component"),
+        (b"a/..", "'..' component"),
+        (b"../a", "'..' component"),
+        (b"..", "'..' component"),
+        (b"a//b", "empty"),
+        (b"/a", "absolute"),
+        (b"a/", "empty"),
+        (b"a\0b", "NUL"),
+        (b"a/..b/c..", None),  # dots inside a component are just bytes
+        (b"...", None),
+        (b"a/b", None),
+    ],
+)
+def test_name_problem_directly(name: bytes, problem: str | None) -> None:
+    """blocklist and e2manifest rely on `name_problem` alone (no parent rule on their side)."""
+    got = manifest.name_problem(name)
+    if problem is None:
+        assert got is None
+    else:
+        assert got is not None and problem in got, got
