@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from cloudbuild.disk import manifest
-from cloudbuild.disk.extract import extract_results, extract_stream, open_disk, skip_pad
+from cloudbuild.disk.extract import extract_results
 from cloudbuild.errors import CloudbuildError, InfraError, UsageError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -83,35 +82,16 @@ def _stop_signals_raise() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> None:
     if args.max_size is not None and args.max_size < 0:
         raise UsageError("--max-size must not be negative")
-    if args.input is not None:
-        extract_results(
-            args.disk,
-            args.input,
-            skip=args.skip,
-            dest=args.dest,
-            max_size=args.max_size,
-            qcow2=args.qcow2,
-            dialect=args.manifest_format,
-            verbose=args.verbose,
-        )
-        return
-    try:
-        disk_fd = os.open(args.disk, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise InfraError(f"cannot open disk {args.disk}: {exc.strerror}") from None
-    try:
-        stdin = sys.stdin.buffer
-        skip_pad(stdin, args.skip)
-        extract_stream(
-            open_disk(disk_fd, qcow2=args.qcow2),
-            stdin,
-            dest=args.dest,
-            max_size=args.max_size,
-            dialect=args.manifest_format,
-            verbose=args.verbose,
-        )
-    finally:
-        os.close(disk_fd)
+    extract_results(
+        args.disk,
+        sys.stdin.buffer if args.input is None else args.input,
+        skip=args.skip,
+        dest=args.dest,
+        max_size=args.max_size,
+        qcow2=args.qcow2,
+        dialect=args.manifest_format,
+        verbose=args.verbose,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -557,7 +557,7 @@ def open_disk(fd: int, *, qcow2: bool) -> DiskSource:
 
 def extract_results(
     disk: Path,
-    manifest_source: Path,
+    manifest_source: Path | BinaryIO,
     *,
     skip: int = 512,
     dest: Path,
@@ -569,8 +569,8 @@ def extract_results(
     deadline: Deadline | None = None,
     dest_subtree: bytes | None = None,
 ) -> ExtractReport:
-    """Copy the results listed by the manifest on `manifest_source` (after `skip` bytes of build
-    status) out of the root disk `disk` (raw image, block device, or qcow2 with `qcow2=True`) into
+    """Copy the results listed by the manifest on `manifest_source` (a path, or an open stream such
+    as stdin; after `skip` bytes of build status) out of the root disk `disk` (raw image, block device, or qcow2 with `qcow2=True`) into
     the existing directory `dest`. At most `max_size` bytes in all (default: the image file's or
     device's size, never a qcow2 header's claim); `deadline` and `dest_subtree` as for `extract_into`.
 
@@ -585,11 +585,14 @@ def extract_results(
         source = open_disk(disk_fd, qcow2=qcow2)
         with contextlib.suppress(OSError):
             os.posix_fadvise(disk_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        try:
-            stream = open(manifest_source, "rb", buffering=1 << 20)  # noqa: SIM115
-        except OSError as exc:
-            raise InfraError(f"cannot open manifest {manifest_source}: {exc.strerror}") from None
-        with stream:
+        with contextlib.ExitStack() as closing:
+            if isinstance(manifest_source, Path):
+                try:
+                    stream: BinaryIO = closing.enter_context(open(manifest_source, "rb", buffering=1 << 20))
+                except OSError as exc:
+                    raise InfraError(f"cannot open manifest {manifest_source}: {exc.strerror}") from None
+            else:
+                stream = manifest_source
             skip_pad(stream, skip)
             return extract_stream(
                 source,

@@ -29,8 +29,18 @@ from cloudbuild.disk.manifest import WRITE_FORMATS
 OBS_BUILD = Path("/usr/lib/obs-build")  # Debian's 2021 package: the 2018 form (scripts/setup --test)
 COMPUTEBLOCKLISTS = OBS_BUILD / "computeblocklists"
 EXTRACTBUILD = OBS_BUILD / "extractbuild"
-# today's obs-build (inline mtimes), run as a peer and never copied into the project
-PEER = Path(os.environ.get("CLOUDBUILD_OBS_BUILD_PEER", "/work/shared/peers/obs-build"))
+# today's obs-build (inline mtimes), run as a peer and never copied into the project: the
+# workspace's ../shared/peers/obs-build (beside the checkout, or /work/shared for a worktree)
+_PEER_CANDIDATES = [
+    Path(__file__).resolve().parents[3] / "shared" / "peers" / "obs-build",
+    Path("/work/shared/peers/obs-build"),
+]
+PEER = Path(
+    os.environ.get("CLOUDBUILD_OBS_BUILD_PEER")
+    or next(
+        (str(p) for p in _PEER_CANDIDATES if (p / "computeblocklists").is_file()), str(_PEER_CANDIDATES[0])
+    )
+)
 PEER_COMPUTEBLOCKLISTS = PEER / "computeblocklists"
 PEER_EXTRACTBUILD = PEER / "extractbuild"
 PAD = 512
@@ -239,7 +249,9 @@ class ResultDisk:
 def require_peer() -> None:
     for script in (PEER_COMPUTEBLOCKLISTS, PEER_EXTRACTBUILD):
         if not script.is_file():
-            pytest.fail(f"{script} is missing: set CLOUDBUILD_OBS_BUILD_PEER to a folder with today's obs-build scripts")
+            pytest.fail(
+                f"{script} is missing: set CLOUDBUILD_OBS_BUILD_PEER to a folder with today's obs-build scripts"
+            )
 
 
 def _build(fstype: str, workdir: Path) -> ResultDisk:

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from cloudbuild.disk import dircopy, manifest
-from cloudbuild.disk.dircopy import LINK_ESCAPES, LINK_REFUSED, ResolveBudget, copy_results, resolves_inside
+from cloudbuild.disk.dircopy import LINK_ESCAPES, LINK_REFUSED, copy_results, resolves_inside
 from cloudbuild.errors import UntrustedData, UsageError
 
 MIB = 1024 * 1024
