@@ -218,41 +218,66 @@ def resolves_inside(
     """Resolve the symlink `top/link` component by component, never leaving `top`; False if it would.
 
     `top` must be a tree nobody else changes (our stage). Missing components are taken lexically.
-    Every link followed is charged to `budget` (UntrustedData once it is spent).
+    Every link followed is charged to `budget` (UntrustedData once it is spent). Each component
+    costs one lookup relative to its directory's fd (never a path walk from `top`, which made a
+    long target quadratic).
     """
     budget = budget if budget is not None else ResolveBudget()
-    first = os.readlink(top / link)
-    budget.spend(first)
-    folder = [p for p in link.parent.parts if p != "."]
-    pending = collections.deque(PurePosixPath(first).parts)
-    hops = 0
-    if pending and pending[0] == "/":
-        return False
-    while pending:
-        part = pending.popleft()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not folder:
-                return False
-            folder.pop()
-            continue
-        path = top.joinpath(*folder, part)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            folder.append(part)  # dangling from here on: lexical
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            target = os.readlink(path)
-            budget.spend(target)
-            if hops > max_hops or target.startswith("/"):
-                return False
-            pending.extendleft(reversed(PurePosixPath(target).parts))
-            continue
-        folder.append(part)
-    return True
+    top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # the folder reached so far: (name, O_PATH fd of it, or None once it is taken lexically)
+    folder: list[tuple[str, int | None]] = []
+    try:
+        for part in link.parent.parts:
+            if part != ".":
+                folder.append((part, _open_dir(part, folder[-1][1] if folder else top_fd)))
+        first = os.readlink(link.name, dir_fd=folder[-1][1] if folder else top_fd)
+        budget.spend(first)
+        pending = collections.deque(PurePosixPath(first).parts)
+        hops = 0
+        if pending and pending[0] == "/":
+            return False
+        while pending:
+            part = pending.popleft()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not folder:
+                    return False
+                _, fd = folder.pop()
+                if fd is not None:
+                    os.close(fd)
+                continue
+            here = folder[-1][1] if folder else top_fd
+            try:
+                st = os.lstat(part, dir_fd=here) if here is not None else None
+            except OSError:
+                st = None  # dangling from here on: lexical
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                hops += 1
+                target = os.readlink(part, dir_fd=here)
+                budget.spend(target)
+                if hops > max_hops or target.startswith("/"):
+                    return False
+                pending.extendleft(reversed(PurePosixPath(target).parts))
+                continue
+            is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+            folder.append((part, _open_dir(part, here) if is_dir else None))
+        return True
+    finally:
+        for _, fd in folder:
+            if fd is not None:
+                os.close(fd)
+        os.close(top_fd)
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int | None:
+    """An O_PATH fd of the directory `name` in `dir_fd`, None if it is not one (or not there)."""
+    if dir_fd is None:
+        return None
+    try:
+        return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:

@@ -183,6 +183,26 @@ def test_resolving_symlinks_has_a_total_budget(tmp_path: Path, monkeypatch: pyte
         dircopy.resolves_inside(src, Path("d/x"), budget=budget)  # type: ignore[arg-type]
 
 
+def test_resolving_a_long_target_costs_one_lookup_per_component(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No path walk from the top per component (that made `x/../x/..`-style targets quadratic)."""
+    stage_ = tmp_path / "stage"
+    (stage_ / "d" / "d").mkdir(parents=True)
+    (stage_ / "link").symlink_to("/".join(["d", "d", *["missing"] * 500]))
+    looked_up: list[str] = []
+    real_lstat = os.lstat
+
+    def recording(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        looked_up.append(os.fsdecode(path))
+        return real_lstat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dircopy.os, "lstat", recording)
+    assert dircopy.resolves_inside(stage_, Path("link"))  # type: ignore[arg-type]
+    assert looked_up and all("/" not in name for name in looked_up), looked_up[-1][:80]
+    assert len(looked_up) <= 3  # d, d, the first missing one: the rest is lexical
+
+
 # 4. chroot/lxc memory: entries counted while the directory is read -----------------------------
 
 
