@@ -7,15 +7,16 @@ out of the agent's boot path.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from cloudbuild.commands.usage import UsageParser
 from cloudbuild.disk import manifest
 from cloudbuild.disk.blocklist import BlocklistError, write_manifest
+from cloudbuild.errors import UsageError
 
 
 def _warn(message: str) -> None:
@@ -35,8 +36,8 @@ def _read_names(stream: BinaryIO, sep: bytes) -> Iterator[bytes]:
         yield pending
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> UsageParser:
+    parser = UsageParser(
         prog="cloudbuild blocklist",
         description="Write the blocklist manifest of result files (obs-build's computeblocklists).",
     )
@@ -60,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as exc:
+        _warn(str(exc))
+        return int(exc.exit_code)
     if args.padstart < 0 or args.padend < 0:
         _warn("--padstart/--padend must not be negative")
         return 1

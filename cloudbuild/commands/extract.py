@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
+from cloudbuild.commands.usage import UsageParser
 from cloudbuild.disk import manifest
 from cloudbuild.disk.extract import extract_results
 from cloudbuild.errors import CloudbuildError, InfraError, UsageError
@@ -26,8 +27,8 @@ class Stopped(InfraError):
     """A stop signal arrived: the extraction was abandoned and its staging folder removed."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> UsageParser:
+    parser = UsageParser(
         prog="cloudbuild extract",
         description="Copy result files out of a raw/qcow2 disk by a blocklist manifest (obs-build's extractbuild).",
     )
@@ -95,8 +96,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         with _stop_signals_raise():
             _run(args)
     except CloudbuildError as exc:

@@ -411,3 +411,13 @@ def test_a_huge_skip_is_a_one_line_error_exit_1(
     assert code == 1
     assert len(err) == 1 and err[0].startswith("cloudbuild extract: --skip 999")
     assert leftovers(dest) == []
+
+
+def test_a_bad_option_is_a_one_line_usage_error_exit_1(
+    disk: Path, dest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--disk", str(disk), "--dest", str(dest), "--manifest-format", "mtime"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("cloudbuild extract: argument --manifest-format: invalid choice")
+    assert leftovers(dest) == []
