@@ -288,9 +288,15 @@ def _line(draw: st.DrawFn) -> str:
     return f"{kind} {name}" if kind else ""
 
 
+_MTIMES = st.one_of(
+    st.integers(0, 10**11 - 1).map(str), st.sampled_from(["0", "-1", "01", "1e9", "10" + "0" * 10, "x"])
+)
+
+
 @st.composite
-def _plausible(draw: st.DrawFn) -> bytes:
-    """Mostly well-formed manifests (so extraction gets far), with a few dangerous choices."""
+def _plausible(draw: st.DrawFn, form: Dialect = "obs-2018") -> bytes:
+    """Mostly well-formed manifests (so extraction gets far), with a few dangerous choices; in
+    today's form each line gets its own drawn mtime (mostly good) and no %mtimes trailer."""
     dirs = [""]
     lines: list[str] = []
     names: list[str] = []
@@ -321,9 +327,11 @@ def _plausible(draw: st.DrawFn) -> bytes:
             if draw(st.integers(0, 4)) == 0:
                 tokens[draw(st.integers(0, len(tokens) - 1))] = draw(_extent())
             lines.append(f"f {name} {size} {bs} {' '.join(tokens)}")
+    if form == "obs":
+        lines = [_with_mtime(line, draw(_MTIMES) if draw(st.integers(0, 9)) == 0 else "1700000000") for line in lines]
     text = "\n".join(lines) + "\n\n"
     trailers = []
-    if draw(st.booleans()):
+    if form == "obs-2018" and draw(st.booleans()):
         stamped = draw(st.lists(st.sampled_from(names), max_size=3))
         trailers.append("%mtimes\n" + "".join(f"{n} {draw(_NUMBERS)}\n" for n in stamped) + "\n")
     if draw(st.booleans()):
@@ -335,10 +343,16 @@ def _plausible(draw: st.DrawFn) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def _with_mtime(line: str, mtime: str) -> str:
+    kind, name, *rest = line.split(" ")
+    return " ".join([kind, name, mtime, *rest])
+
+
 @st.composite
-def _manifest(draw: st.DrawFn) -> bytes:
+def _manifest(draw: st.DrawFn, form: Dialect) -> bytes:
+    """A manifest in `form`: plausible ones written in it, raw grammar ones converted to it."""
     if draw(st.integers(0, 2)):
-        return draw(_plausible())
+        return draw(_plausible(form))
     lines = draw(st.lists(_line(), max_size=12))
     if draw(st.booleans()):
         lines.insert(0, "%format mtime")
@@ -354,7 +368,7 @@ def _manifest(draw: st.DrawFn) -> bytes:
             ]
         )
     )
-    data = text.encode("utf-8", "surrogateescape")
+    data = in_form(text.encode("utf-8", "surrogateescape"), form)
     if draw(st.integers(0, 9)) == 0:
         data += draw(st.binary(max_size=64))
     return data
@@ -385,11 +399,14 @@ def _all_paths(root: str) -> Iterator[str]:
 @settings(
     max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(data=_manifest(), max_size=st.sampled_from([None, 0, 4096, 100_000]), form=st.sampled_from(DIALECTS))
+@given(
+    form_and_data=st.sampled_from(DIALECTS).flatmap(lambda form: st.tuples(st.just(form), _manifest(form))),
+    max_size=st.sampled_from([None, 0, 4096, 100_000]),
+)
 def test_fuzz_extractor_stays_inside_its_bounds(
-    small_disk: Path, data: bytes, max_size: int | None, form: Dialect
+    small_disk: Path, form_and_data: tuple[Dialect, bytes], max_size: int | None
 ) -> None:
-    data = in_form(data, form)
+    form, data = form_and_data
     guard = _Guard(DISK_SIZE)
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as sandbox:
         patch.setattr(extract._Copier, "copy", guard.wrap(extract._Copier.copy))
