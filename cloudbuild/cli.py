@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "build": ("cloudbuild.commands.build", "run one build in a VM (or chroot) and collect its results"),
     "rootfs": ("cloudbuild.commands.rootfs", "create a minimal build root (busybox) or a Debian one"),
     "kill": ("cloudbuild.commands.kill", "stop a running build (marks it failed so nothing is extracted)"),
-    "extract": ("cloudbuild.disk.extract", "copy results out of a raw/qcow2 disk by a blocklist manifest"),
-    "blocklist": ("cloudbuild.disk.blocklist", "write the blocklist manifest of result files"),
+    "extract": ("cloudbuild.commands.extract", "copy results out of a raw/qcow2 disk by a blocklist manifest"),
+    "blocklist": ("cloudbuild.commands.blocklist", "write the blocklist manifest of result files"),
     "gc": ("cloudbuild.commands.gc", "sweep cloud resources left by crashed workers (seen twice)"),
 }
 

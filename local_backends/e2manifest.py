@@ -12,8 +12,9 @@ host must read them without the host kernel ever mounting a filesystem the guest
 - its output is parsed strictly (exact line shapes, bounded counts and sizes; anything else is
   `UntrustedData`), names with `/`, newlines or NUL are refused, symlinks whose target would
   leave the tree are skipped with a warning (as the guest-side writer does);
-- the result is an ordinary manifest (obs-build's format plus the mtime trailer) that goes
-  through the same strict parser and extractor as every other build's.
+- the result is an ordinary manifest in the default format (today's obs-build lines with inline
+  mtimes, then the mode trailer) that goes through the same strict parser and extractor as every
+  other build's.
 
 What this trusts: debugfs' parsing of a hostile image (a userspace process, no kernel code),
 and that the image's extent maps are honest about *which* blocks hold a file: a lying map can
@@ -188,14 +189,14 @@ def _link_target(image: Path, inode: Inode, bsize: int) -> bytes:
 def image_manifest(
     image: Path, *, top: bytes = b".build.out", names: tuple[bytes, ...] = (b"results", b"_statistics")
 ) -> bytes:
-    """The manifest (obs lines + mtime and mode trailers, terminated) of `top/names...` in the image."""
+    """The manifest (the default format: inline-mtime lines, terminated, then the mode trailer) of
+    `top/names...` in the image."""
     fs = Debugfs(image)
     bsize = fs.block_size()
     top_entry = [e for e in fs.listing(ROOT_INODE) if e[0] == top]
     if not top_entry or top_entry[0][2] & 0o170000 != 0o040000:
         raise UntrustedData(f"{image}: no /{top.decode()} folder")
     lines: list[bytes] = []
-    mtimes: list[tuple[bytes, int]] = []
     modes: list[tuple[bytes, int]] = []
     count = 0
     # (name, inode, mode from the directory listing, depth)
@@ -212,30 +213,29 @@ def image_manifest(
         if problem:
             raise UntrustedData(f"{image}: result name {rel[:80]!r}: {problem}")
         inode = fs.inode(number)
+        mtime = min(inode.mtime, manifest.MAX_MTIME)
         if inode.kind == "directory":
-            lines.append(manifest.dir_line(rel))
+            lines.append(manifest.dir_line(rel, mtime=mtime))
             children = [(rel + b"/" + name, ino, m, depth + 1) for name, ino, m in fs.listing(number)]
             pending.extend(sorted(children, reverse=True))
         elif inode.kind == "regular":
             tokens = extent_tokens(inode, bsize) if inode.size else []
-            lines.append(manifest.file_line(rel, inode.size, bsize, tokens))
+            lines.append(manifest.file_line(rel, inode.size, bsize, tokens, mtime=mtime))
         elif inode.kind == "symlink":
             target = _link_target(image, inode, bsize)
             problem = manifest.symlink_problem(rel, target)
             if problem:
                 log.warning("result symlink skipped", name=rel.decode(errors="replace"), reason=problem)
                 continue
-            lines.append(manifest.symlink_line(rel, target))
-            mtimes.append((rel, min(inode.mtime, manifest.MAX_MTIME)))
+            lines.append(manifest.symlink_line(rel, target, mtime=mtime))
             continue  # symlinks have no mode
         else:
             log.warning(
                 "result skipped: unsupported file type", name=rel.decode(errors="replace"), kind=inode.kind
             )
             continue
-        mtimes.append((rel, min(inode.mtime, manifest.MAX_MTIME)))
         modes.append((rel, mode))
-    return b"".join(lines) + b"\n" + manifest.mtime_trailer(mtimes) + manifest.mode_trailer(modes)
+    return b"".join(lines) + manifest.ending(manifest.DEFAULT_WRITE_FORMAT, (), modes)
 
 
 def read_exit_file(image: Path) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -112,13 +113,23 @@ class DiskHostSteps:
         check_dest(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         if swap is None:
-            self._extract_folder(root, dest)
+            self._extract_folder(root, dest, deadline)
             return
         from cloudbuild.disk.extract import extract_results
 
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stage-", dir=dest.parent))
         try:
-            extract_results(root, swap, skip=512, dest=staging, max_size=device_size(root))
+            # links are checked against the folder that becomes DEST (`results/up -> ..` would
+            # point at DEST's parent), as the directory channel does
+            extract_results(
+                root,
+                swap,
+                skip=512,
+                dest=staging,
+                max_size=device_size(root),
+                deadline=deadline,
+                dest_subtree=os.fsencode(stage.RESULTS),
+            )
             self._move_results(staging, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -141,27 +152,48 @@ class DiskHostSteps:
             dest.rmdir()  # empty: checked by check_dest
         os.rename(results, dest)
 
-    def _extract_folder(self, root: Path, dest: Path) -> None:
-        from cloudbuild.disk.dircopy import copy_results, open_beneath
+    def _extract_folder(self, root: Path, dest: Path, deadline: Deadline) -> None:
+        from cloudbuild.disk.dircopy import copy_results
 
-        out = root / stage.OUT_DIR
-        copy_results(out / stage.RESULTS, dest, max_size=self._folder_limit(), trusted=root)
-        # the folder is the guest's: no path through it is followed (a link could point anywhere)
-        try:
-            out_fd = open_beneath(root, stage.OUT_DIR)
-        except (OSError, UntrustedData):
-            return
-        try:
-            fd = os.open(stage.STATISTICS, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=out_fd)
-        except OSError:
-            return
-        finally:
-            os.close(out_fd)
-        try:
-            if os.fstat(fd).st_size <= MAX_STATISTICS:
-                statistics_path(dest).write_bytes(os.read(fd, MAX_STATISTICS))
-        finally:
-            os.close(fd)
+        # `_statistics` first: nothing can fail after the results are in DEST
+        statistics = read_statistics(root)
+        copy_results(
+            root / stage.OUT_DIR / stage.RESULTS, dest, max_size=self._folder_limit(), trusted=root, deadline=deadline
+        )
+        if statistics is not None:
+            try:
+                statistics_path(dest).write_bytes(statistics)
+            except OSError:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
 
     def _folder_limit(self) -> int:
         return self.options.disk_size * 1024 * 1024
+
+
+def read_statistics(root: Path) -> bytes | None:
+    """The guest's `/.build.out/_statistics` of a directory-channel build: a regular file (fstat
+    after an O_NOFOLLOW|O_NONBLOCK open: never a device, FIFO or symlink) of at most
+    MAX_STATISTICS bytes; None when there is no such file."""
+    from cloudbuild.disk.dircopy import open_beneath
+
+    # the folder is the guest's: no path through it is followed (a link could point anywhere)
+    try:
+        out_fd = open_beneath(root, stage.OUT_DIR)
+    except (OSError, UntrustedData):
+        return None
+    try:
+        fd = os.open(stage.STATISTICS, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=out_fd)
+    except OSError:
+        return None
+    finally:
+        os.close(out_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_STATISTICS:
+            log.warning("guest _statistics ignored: not a regular file or too large", mode=oct(st.st_mode))
+            return None
+        data = os.read(fd, MAX_STATISTICS + 1)
+        return data if len(data) <= MAX_STATISTICS else None
+    finally:
+        os.close(fd)

@@ -10,17 +10,13 @@ STDLIB ONLY: the guest agent imports this inside the build machine. Warnings go 
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 import stat
 import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
-
-if TYPE_CHECKING:
-    import argparse
+from typing import BinaryIO
 
 from cloudbuild.disk import manifest
 from cloudbuild.disk.manifest import WriteFormat
@@ -277,7 +273,7 @@ def manifest_lines(
     (`find RPMS -type f`) are written before the first name inside them. For find's output of
     whole trees neither happens and the lines are computeblocklists' exactly.
     """
-    describer = _Describer(inline=fmt == "mtime", use_fibmap=use_fibmap, dir_fd=dir_fd)
+    describer = _Describer(inline=manifest.inline_mtimes(fmt), use_fibmap=use_fibmap, dir_fd=dir_fd)
     written: set[bytes] = set()
     dirs: set[bytes] = set()
 
@@ -333,17 +329,17 @@ def write_manifest(
     dir_fd: int | None = None,
 ) -> int:
     """Write the manifest of `paths` to `out`: `padstart` newlines (room for the build status),
-    the entries, the terminating empty line (then the mtime trailer for `obs+mtimes`, the mtime
-    and the mode trailer for `obs+meta`), `padend` newlines. Returns the number of entries.
-    `obs` output is byte-identical to computeblocklists'.
+    the entries, what the format puts after them (`manifest.ending`: for the default `obs+modes`
+    the terminating empty line and the mode trailer), `padend` newlines. Returns the number of
+    entries. `obs` output is byte-identical to today's computeblocklists', `obs-2018` output to
+    the 2018..2025 one's.
 
     Note that `padend` newlines already terminate the manifest (as in obs-build); with `padend=0`
-    and format `obs`, nothing terminates it but the end of `out`.
+    and format `obs` or `obs-2018`, nothing terminates it but the end of `out`.
     """
     if fmt not in manifest.WRITE_FORMATS:
         raise ValueError(f"unknown manifest format {fmt!r}")
     out.write(b"\n" * padstart)
-    out.write(manifest.header(fmt))
     mtimes: list[tuple[bytes, int]] = []
     modes: list[tuple[bytes, int]] = []
     count = 0
@@ -355,90 +351,6 @@ def write_manifest(
         if mode is not None:
             modes.append((name, mode))
         count += 1
-    if fmt == "obs+meta":
-        out.write(b"\n" + manifest.mtime_trailer(mtimes) + manifest.mode_trailer(modes))
-    elif fmt == "obs+mtimes":
-        out.write(b"\n" + manifest.mtime_trailer(mtimes))
-    elif fmt == "mtime":
-        out.write(b"\n")
+    out.write(manifest.ending(fmt, mtimes, modes))
     out.write(b"\n" * padend)
     return count
-
-
-def _read_names(stream: BinaryIO, sep: bytes) -> Iterator[bytes]:
-    pending = b""
-    while True:
-        chunk = stream.read(1 << 16)
-        if not chunk:
-            break
-        pending += chunk
-        *names, pending = pending.split(sep)
-        yield from names
-    if pending:
-        yield pending
-
-
-def _parser() -> argparse.ArgumentParser:
-    import argparse  # only for the command line: the guest agent imports this module at every boot
-
-    parser = argparse.ArgumentParser(
-        prog="cloudbuild blocklist",
-        description="Write the blocklist manifest of result files (obs-build's computeblocklists).",
-    )
-    parser.add_argument("--padstart", type=int, default=0, metavar="N", help="newlines before the manifest")
-    parser.add_argument("--padend", type=int, default=0, metavar="N", help="newlines after the manifest")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="print each name on stderr")
-    parser.add_argument("--manifest", metavar="FILE", help="read more names from FILE ('-': stdin)")
-    parser.add_argument("-0", dest="null", action="store_true", help="names in --manifest end with NUL")
-    parser.add_argument(
-        "--format",
-        choices=manifest.WRITE_FORMATS,
-        default=manifest.DEFAULT_WRITE_FORMAT,
-        help="obs: exactly computeblocklists' output; obs+meta (default): plus mtime and mode trailers "
-        "that extractbuild ignores; obs+mtimes: plus the mtime trailer only; mtime: inline mtimes "
-        "(cloudbuild extract only)",
-    )
-    parser.add_argument("--fibmap", action="store_true", help="use FIBMAP instead of FIEMAP")
-    parser.add_argument("files", nargs="*", metavar="FILE", help="names to list before those of --manifest")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.padstart < 0 or args.padend < 0:
-        _warn("--padstart/--padend must not be negative")
-        return 1
-    names: list[Iterable[bytes | str]] = [[os.fsencode(f) for f in args.files]]
-    stream: BinaryIO | None = None
-    if args.manifest:
-        try:
-            stream = sys.stdin.buffer if args.manifest == "-" else open(args.manifest, "rb")  # noqa: SIM115
-        except OSError as exc:
-            _warn(f"--manifest: {exc}")
-            return 1
-        names.append(_read_names(stream, b"\0" if args.null else b"\n"))
-    # the whole manifest is built before anything is written: a failure writes nothing
-    buf = io.BytesIO()
-    try:
-        write_manifest(
-            (name for group in names for name in group),
-            buf,
-            padstart=args.padstart,
-            padend=args.padend,
-            verbose=args.verbose,
-            fmt=args.format,
-            use_fibmap=args.fibmap,
-        )
-    except (OSError, ValueError, BlocklistError) as exc:
-        _warn(str(exc))
-        return 1
-    finally:
-        if stream is not None and stream is not sys.stdin.buffer:
-            stream.close()
-    sys.stdout.buffer.write(buf.getvalue())
-    sys.stdout.buffer.flush()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

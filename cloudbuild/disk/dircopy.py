@@ -9,13 +9,17 @@ So the copy never resolves a path through the guest's tree:
   (and the inode) that `lstat` saw, so a swap to a symlink, fifo or device between the two is
   caught instead of followed;
 - only regular files and directories are copied; symlinks are recreated as symlinks, never
-  followed, and one whose target leaves the result tree (absolute, or `..` past the top) is
-  skipped with a warning, as the blocklist manifest does; fifos, sockets and device nodes are
+  followed, and one the manifest's symlink rule refuses (`manifest.symlink_problem` relative to
+  the result folder: absolute, `.` or empty components, `..` past the top or in the middle) is
+  skipped with a warning: the one rule of both result channels (the swap channel's extractor
+  applies it to the folder that becomes DEST); fifos, sockets and device nodes are
   skipped with a warning; hard links are copied as separate files (their content is inside the
   tree, it is the same data the guest could write anyway);
 - setuid/setgid/sticky bits are dropped, owners are not copied (everything belongs to us);
-- the bytes actually read (not `st_size`, which a file can outgrow) count against `max_size`, and
-  the number of entries and the depth are bounded;
+- the bytes actually read (not `st_size`, which a file can outgrow) count against `max_size`; the
+  number of entries, the bytes of their names (counted while the directory is read, before any
+  sorting), the depth, and the total work of re-resolving symlinks (hops and target bytes) are
+  bounded; a deadline is checked between entries and chunks;
 - the copy is staged in a temporary folder beside `dest` and renamed into place at the end; on
   any error the stage is removed and `UntrustedData` is raised: nothing is left half-copied.
 """
@@ -33,6 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from cloudbuild.deadline import Deadline
+from cloudbuild.disk import manifest
 from cloudbuild.errors import UntrustedData, UsageError
 from cloudbuild.log import get_logger
 
@@ -42,6 +48,9 @@ CHUNK = 1024 * 1024
 MAX_ENTRIES = 200_000
 MAX_DEPTH = 64
 MAX_LINK = 4096
+MAX_NAME_BYTES = 64 * 1024 * 1024  # of all entry names together: memory stays bounded
+MAX_RESOLVE_HOPS = 1_000_000  # symlinks followed re-resolving all links, in all
+MAX_RESOLVE_BYTES = 16 * 1024 * 1024  # of link targets walked doing so
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
@@ -58,14 +67,36 @@ class CopyReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
 
 
+@dataclass
+class ResolveBudget:
+    """The work all symlink re-resolutions of one copy may do together: a chain of long
+    `x/../x/..` targets must not cost hours."""
+
+    hops: int = MAX_RESOLVE_HOPS
+    target_bytes: int = MAX_RESOLVE_BYTES
+
+    def spend(self, target: str) -> None:
+        self.hops -= 1
+        self.target_bytes -= len(target)
+        if self.hops < 0 or self.target_bytes < 0:
+            raise UntrustedData("results: resolving the symlinks takes too much work (too many or too long links)")
+
+
 class _Copier:
-    def __init__(self, max_size: int, max_entries: int, max_depth: int):
+    def __init__(self, max_size: int, max_entries: int, max_depth: int, deadline: Deadline | None = None):
         self.max_size = max_size
         self.max_entries = max_entries
         self.max_depth = max_depth
+        self.deadline = deadline
         self.report = CopyReport()
         self.entries = 0
+        self.name_bytes = 0
         self.links: list[PurePosixPath] = []
+        self.budget = ResolveBudget(MAX_RESOLVE_HOPS, MAX_RESOLVE_BYTES)
+
+    def check(self) -> None:
+        if self.deadline is not None:
+            self.deadline.check()
 
     def skip(self, rel: PurePosixPath, why: str) -> None:
         log.warning("result entry skipped", path=str(rel), reason=why)
@@ -74,12 +105,19 @@ class _Copier:
     def copy_dir(self, src_fd: int, dst_fd: int, rel: PurePosixPath, depth: int) -> None:
         if depth > self.max_depth:
             raise UntrustedData(f"results: {rel} is nested deeper than {self.max_depth} levels")
+        names = []
         with os.scandir(src_fd) as entries:
-            names = sorted(entry.name for entry in entries)
+            for entry in entries:  # counted while read: a huge directory is refused early
+                self.entries += 1
+                self.name_bytes += len(os.fsencode(entry.name))
+                if self.entries > self.max_entries:
+                    raise UntrustedData(f"results: more than {self.max_entries} entries")
+                if self.name_bytes > MAX_NAME_BYTES:
+                    raise UntrustedData(f"results: names of more than {MAX_NAME_BYTES} bytes in all")
+                names.append(entry.name)
+        names.sort()
         for name in names:
-            self.entries += 1
-            if self.entries > self.max_entries:
-                raise UntrustedData(f"results: more than {self.max_entries} entries")
+            self.check()
             child = rel / name
             try:
                 st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
@@ -125,6 +163,7 @@ class _Copier:
             out_fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dst_fd)
             try:
                 while True:
+                    self.check()
                     budget = self.max_size - self.report.bytes
                     chunk = os.read(in_fd, min(CHUNK, budget + 1))
                     if not chunk:
@@ -148,8 +187,9 @@ class _Copier:
         if len(os.fsencode(target)) > MAX_LINK or "\0" in target:
             self.skip(rel, "symlink target too long")
             return
-        if not link_stays_inside(rel, target):
-            self.skip(rel, f"symlink points outside the results: {target!r}")
+        problem = manifest.symlink_problem(os.fsencode(rel), os.fsencode(target))
+        if problem:
+            self.skip(rel, f"{LINK_REFUSED}: {problem}: {target!r}")
             return
         os.symlink(target, name, dir_fd=dst_fd)
         self.links.append(rel)
@@ -161,66 +201,83 @@ class _Copier:
         The lexical test in `_symlink` cannot see chains (`a -> .`, `b -> a/..`), so every link is
         resolved again inside the finished stage, which only we can change.
         """
-        escaping = [rel for rel in self.links if not resolves_inside(stage, rel)]
+        escaping = [rel for rel in self.links if not resolves_inside(stage, rel, budget=self.budget)]
         for rel in escaping:
             os.unlink(stage / rel)
             self.report.symlinks -= 1
-            self.skip(rel, "symlink leads outside the results through other symlinks")
+            self.skip(rel, LINK_ESCAPES)
 
 
-def link_stays_inside(rel: PurePosixPath, target: str) -> bool:
-    """Whether a symlink at `rel` (relative to the top) with `target` resolves inside the top, lexically.
-
-    Lexical is enough because every other symlink in the copy passes the same test, so no chain of
-    them can leave the tree either.
-    """
-    if not target or target.startswith("/"):
-        return False
-    depth = len(rel.parts) - 1  # the folder the link lives in
-    for part in PurePosixPath(target).parts:
-        if part == "..":
-            depth -= 1
-            if depth < 0:
-                return False
-        elif part != ".":
-            depth += 1
-    return True
+LINK_REFUSED = "symlink refused by the link rule"
+LINK_ESCAPES = "symlink leads outside the results through other symlinks"
 
 
-def resolves_inside(top: Path, link: PurePosixPath, *, max_hops: int = 40) -> bool:
+def resolves_inside(
+    top: Path, link: PurePosixPath, *, max_hops: int = 40, budget: ResolveBudget | None = None
+) -> bool:
     """Resolve the symlink `top/link` component by component, never leaving `top`; False if it would.
 
     `top` must be a tree nobody else changes (our stage). Missing components are taken lexically.
+    Every link followed is charged to `budget` (UntrustedData once it is spent). Each component
+    costs one lookup relative to its directory's fd (never a path walk from `top`, which made a
+    long target quadratic).
     """
-    folder = [p for p in link.parent.parts if p != "."]
-    pending = collections.deque(PurePosixPath(os.readlink(top / link)).parts)
-    hops = 0
-    if pending and pending[0] == "/":
-        return False
-    while pending:
-        part = pending.popleft()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not folder:
-                return False
-            folder.pop()
-            continue
-        path = top.joinpath(*folder, part)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            folder.append(part)  # dangling from here on: lexical
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            hops += 1
-            target = os.readlink(path)
-            if hops > max_hops or target.startswith("/"):
-                return False
-            pending.extendleft(reversed(PurePosixPath(target).parts))
-            continue
-        folder.append(part)
-    return True
+    budget = budget if budget is not None else ResolveBudget()
+    top_fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # the folder reached so far: (name, O_PATH fd of it, or None once it is taken lexically)
+    folder: list[tuple[str, int | None]] = []
+    try:
+        for part in link.parent.parts:
+            if part != ".":
+                folder.append((part, _open_dir(part, folder[-1][1] if folder else top_fd)))
+        first = os.readlink(link.name, dir_fd=folder[-1][1] if folder else top_fd)
+        budget.spend(first)
+        pending = collections.deque(PurePosixPath(first).parts)
+        hops = 0
+        if pending and pending[0] == "/":
+            return False
+        while pending:
+            part = pending.popleft()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not folder:
+                    return False
+                _, fd = folder.pop()
+                if fd is not None:
+                    os.close(fd)
+                continue
+            here = folder[-1][1] if folder else top_fd
+            try:
+                st = os.lstat(part, dir_fd=here) if here is not None else None
+            except OSError:
+                st = None  # dangling from here on: lexical
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                hops += 1
+                target = os.readlink(part, dir_fd=here)
+                budget.spend(target)
+                if hops > max_hops or target.startswith("/"):
+                    return False
+                pending.extendleft(reversed(PurePosixPath(target).parts))
+                continue
+            is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+            folder.append((part, _open_dir(part, here) if is_dir else None))
+        return True
+    finally:
+        for _, fd in folder:
+            if fd is not None:
+                os.close(fd)
+        os.close(top_fd)
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int | None:
+    """An O_PATH fd of the directory `name` in `dir_fd`, None if it is not one (or not there)."""
+    if dir_fd is None:
+        return None
+    try:
+        return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
 
 
 def _same(a: os.stat_result, b: os.stat_result) -> bool:
@@ -279,6 +336,7 @@ def copy_results(
     trusted: Path | None = None,
     max_entries: int = MAX_ENTRIES,
     max_depth: int = MAX_DEPTH,
+    deadline: Deadline | None = None,
 ) -> CopyReport:
     """Copy the tree `src` into `dest` (which must not exist or be an empty folder).
 
@@ -295,7 +353,7 @@ def copy_results(
         raise UsageError(f"--dest {dest}: must not exist or be an empty folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    copier = _Copier(max_size, max_entries, max_depth)
+    copier = _Copier(max_size, max_entries, max_depth, deadline)
     try:
         src_fd = open_beneath(top, relative)
         try:

@@ -13,7 +13,6 @@ has the threat model.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import errno
@@ -29,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from cloudbuild.deadline import Deadline
 from cloudbuild.disk import manifest
 from cloudbuild.disk.manifest import DEFAULT_LIMITS, Dialect, Limits
 from cloudbuild.disk.qcow2 import Qcow2Image
 from cloudbuild.errors import CloudbuildError, InfraError, UntrustedData, UsageError
 from cloudbuild.log import get_logger
 
-_COPY_CHUNK = 1 << 30  # per copy_file_range/sendfile call
+_COPY_CHUNK = 256 << 20  # per copy_file_range/sendfile call (the deadline is checked between calls)
 _BUFFER = 8 << 20  # for the pread/pwrite fallback
 _PREFETCH_MIN = 1 << 20
 _PREFETCH_ENTRIES = 32  # manifest entries parsed ahead of the one being extracted
@@ -53,16 +53,20 @@ class ExtractReport:
     files: int
     dirs: int
     symlinks: int
-    bytes: int  # logical size of all files, holes included
+    bytes: int
+    skipped: int  # symlinks dropped because they would leave `dest_subtree`  # logical size of all files, holes included
     copied: int  # bytes read from the disk
     seconds: float
 
 
 class DiskSource(Protocol):
-    """Guest-visible bytes of a disk: `fd` to copy from and where each range lives in it."""
+    """Guest-visible bytes of a disk: `fd` to copy from and where each range lives in it.
+    `data_limit` is the default limit on the bytes of all results: what the image can really
+    hold (a qcow2 header's virtual size is the guest's claim, its file size is not)."""
 
     fd: int
     size: int
+    data_limit: int
 
     def map(self, offset: int, length: int) -> Iterator[tuple[int | None, int]]: ...
 
@@ -73,6 +77,7 @@ class RawDisk:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.size = os.lseek(fd, 0, os.SEEK_END)
+        self.data_limit = self.size
 
     def map(self, offset: int, length: int) -> Iterator[tuple[int | None, int]]:
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -84,12 +89,19 @@ class _Copier:
     """Disk -> file copies in the kernel where it can: copy_file_range (same filesystem type;
     reflinks on xfs/btrfs), else sendfile (block devices), else large pread/pwrite."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: Deadline | None = None) -> None:
         self.mode = "copy_file_range"
+        self.deadline = deadline
         self._buffer: bytearray | None = None
+
+    def check(self) -> None:
+        """Stop at the deadline: a guest must not hold a worker slot by making extraction slow."""
+        if self.deadline is not None:
+            self.deadline.check()
 
     def copy(self, src: int, src_off: int, dst: int, dst_off: int, length: int) -> None:
         while length > 0:
+            self.check()
             count = min(length, _COPY_CHUNK)
             done = self._once(src, src_off, dst, dst_off, count)
             if done <= 0:
@@ -213,26 +225,38 @@ def extract_into(
     root_fd: int,
     *,
     max_size: int,
-    dialect: Dialect = "auto",
+    dialect: Dialect = manifest.DEFAULT_DIALECT,
     limits: Limits = DEFAULT_LIMITS,
     verbose: int = 0,
+    deadline: Deadline | None = None,
+    dest_subtree: bytes | None = None,
 ) -> tuple[ExtractReport, Staged]:
     """Create the manifest's entries below the (empty, private) directory `root_fd`, with their
     mtimes and the modes of files (directory modes are left to the caller, see `Staged`).
+
+    `dest_subtree` names the manifest folder that the caller turns into its destination (the VM
+    flow's `results`): a symlink inside it whose target would leave it is dropped with a warning,
+    the rule the directory channel applies (`manifest.symlink_problem` relative to that folder). `deadline` is checked between
+    entries and copy calls (DeadlineExceeded, exit 3).
 
     Raises UntrustedData on anything hostile or malformed; the caller owns the cleanup of
     `root_fd`'s contents.
     """
     started = time.monotonic()
     tree = _Tree(root_fd)
-    copier = _Copier()
-    files = dirs = symlinks = total = copied = 0
+    copier = _Copier(deadline)
+    files = dirs = symlinks = total = copied = skipped = 0
+    dropped: set[bytes] = set()
+    subtree = None if dest_subtree is None else dest_subtree + b"/"
     top: list[bytes] = []
     late_mtimes: list[tuple[bytes, int]] = []  # directories and trailer entries: set at the very end
     dir_modes: list[tuple[bytes, int]] = []
     try:
         for entry in _prefetched(manifest.parse(stream, dialect=dialect, limits=limits), disk):
+            copier.check()
             if isinstance(entry, manifest.Mtime):
+                if entry.name in dropped:
+                    continue
                 late_mtimes.append((entry.name, entry.mtime))
                 continue
             if isinstance(entry, manifest.Mode):
@@ -258,6 +282,16 @@ def extract_into(
                     if entry.mtime is not None:
                         late_mtimes.append((entry.name, entry.mtime))
                 elif isinstance(entry, manifest.Symlink):
+                    if subtree is not None and entry.name.startswith(subtree):
+                        # the one link rule of both result channels (dircopy applies it too)
+                        problem = manifest.symlink_problem(entry.name[len(subtree) :], entry.target)
+                        if problem:
+                            get_logger(__name__).warning(
+                                "result symlink dropped", name=_show(entry.name), reason=problem
+                            )
+                            dropped.add(entry.name)
+                            skipped += 1
+                            continue
                     os.symlink(entry.target, base, dir_fd=parent_fd)
                     symlinks += 1
                     if entry.mtime is not None:
@@ -284,7 +318,7 @@ def extract_into(
     finally:
         tree.close()
     dir_modes.sort(key=lambda item: item[0].count(b"/"), reverse=True)  # deepest first (stable)
-    report = ExtractReport(files, dirs, symlinks, total, copied, time.monotonic() - started)
+    report = ExtractReport(files, dirs, symlinks, total, skipped, copied, time.monotonic() - started)
     return report, Staged(top, top_mtimes, dir_modes)
 
 
@@ -347,6 +381,7 @@ def _write_file(disk: DiskSource, copier: _Copier, entry: manifest.File, base: b
             for run in entry.runs(disk_size=disk.size):
                 if run.offset is not None:
                     for host, length in disk.map(run.offset, run.length):
+                        copier.check()  # a qcow2 map of many small pieces is slow too
                         if host is not None:  # None: qcow2 zeros, left as a hole
                             if length >= _PREFETCH_MIN:
                                 # queue the whole run's reads at once: the device sees a deep queue
@@ -393,17 +428,15 @@ def _rename_noreplace(src_fd: int, name: bytes, dst_fd: int) -> None:
     raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(name))
 
 
+STAGING_PREFIX = ".cloudbuild-extract-"
+
+
 def _staging_dir(dest: Path) -> Path:
-    """A private directory on dest's filesystem: beside dest, else (dest is a mount point or its
-    parent is not writable) a hidden one inside it."""
-    parent = dest.parent
-    if parent != dest:
-        try:
-            if os.stat(parent).st_dev == os.stat(dest).st_dev:
-                return Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=parent))
-        except OSError:
-            pass
-    return Path(tempfile.mkdtemp(prefix=".cloudbuild-extract-", dir=dest))
+    """A private hidden directory inside dest: the only place from which a rename into dest is
+    sure to work (beside dest, a mount point or a bind mount of the same filesystem makes the
+    final rename fail with EXDEV, and `st_dev` cannot tell a bind mount). Its random name cannot
+    be one the manifest names (a top-level name that exists in dest is refused anyway)."""
+    return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dest))
 
 
 def _move_into_place(staging_fd: int, dest_fd: int, dest: Path, staged: Staged) -> None:
@@ -443,15 +476,18 @@ def extract_stream(
     *,
     dest: Path,
     max_size: int | None = None,
-    dialect: Dialect = "auto",
+    dialect: Dialect = manifest.DEFAULT_DIALECT,
     limits: Limits = DEFAULT_LIMITS,
     verbose: int = 0,
+    deadline: Deadline | None = None,
+    dest_subtree: bytes | None = None,
 ) -> ExtractReport:
-    """Extract into the existing directory `dest` by the manifest read from `stream`: all or nothing."""
+    """Extract into the existing directory `dest` by the manifest read from `stream`: all or
+    nothing (the staging folder inside `dest` is removed on every exit, an exception included)."""
     dest = Path(os.path.abspath(dest))
     if not dest.is_dir() or dest.is_symlink():
         raise UsageError(f"destination {dest} is not a directory")
-    limit = disk.size if max_size is None else max_size
+    limit = disk.data_limit if max_size is None else max_size
     try:
         staging = _staging_dir(dest)
     except OSError as exc:
@@ -460,7 +496,15 @@ def extract_stream(
     try:
         staging_fd = os.open(staging, _DIR_FLAGS)
         report, staged = extract_into(
-            disk, stream, staging_fd, max_size=limit, dialect=dialect, limits=limits, verbose=verbose
+            disk,
+            stream,
+            staging_fd,
+            max_size=limit,
+            dialect=dialect,
+            limits=limits,
+            verbose=verbose,
+            deadline=deadline,
+            dest_subtree=dest_subtree,
         )
         dest_fd = os.open(dest, _DIR_FLAGS)
         try:
@@ -477,6 +521,7 @@ def extract_stream(
         files=report.files,
         dirs=report.dirs,
         symlinks=report.symlinks,
+        skipped=report.skipped,
         bytes=report.bytes,
         copied=report.copied,
         seconds=round(report.seconds, 3),
@@ -484,7 +529,13 @@ def extract_stream(
     return report
 
 
-def _skip(stream: BinaryIO, skip: int) -> None:
+MAX_SKIP = 1 << 40  # far more than any status pad; keeps seek() away from OverflowError
+
+
+def skip_pad(stream: BinaryIO, skip: int) -> None:
+    """Position `stream` after `skip` bytes of build status."""
+    if not 0 <= skip <= MAX_SKIP:
+        raise UsageError(f"--skip {skip}: must be between 0 and {MAX_SKIP} bytes")
     if not skip:
         return
     try:
@@ -506,19 +557,22 @@ def open_disk(fd: int, *, qcow2: bool) -> DiskSource:
 
 def extract_results(
     disk: Path,
-    manifest_source: Path,
+    manifest_source: Path | BinaryIO,
     *,
     skip: int = 512,
     dest: Path,
     max_size: int | None = None,
     qcow2: bool = False,
-    dialect: Dialect = "auto",
+    dialect: Dialect = manifest.DEFAULT_DIALECT,
     limits: Limits = DEFAULT_LIMITS,
     verbose: int = 0,
+    deadline: Deadline | None = None,
+    dest_subtree: bytes | None = None,
 ) -> ExtractReport:
-    """Copy the results listed by the manifest on `manifest_source` (after `skip` bytes of build
-    status) out of the root disk `disk` (raw image, block device, or qcow2 with `qcow2=True`) into
-    the existing directory `dest`. At most `max_size` bytes in all (default: the disk's size).
+    """Copy the results listed by the manifest on `manifest_source` (a path, or an open stream such
+    as stdin; after `skip` bytes of build status) out of the root disk `disk` (raw image, block device, or qcow2 with `qcow2=True`) into
+    the existing directory `dest`. At most `max_size` bytes in all (default: the image file's or
+    device's size, never a qcow2 header's claim); `deadline` and `dest_subtree` as for `extract_into`.
 
     Raises UntrustedData (exit 3) on a malformed or hostile manifest or image, leaving nothing new
     in `dest`; UsageError if `dest` is not a directory; InfraError on host I/O errors.
@@ -531,98 +585,25 @@ def extract_results(
         source = open_disk(disk_fd, qcow2=qcow2)
         with contextlib.suppress(OSError):
             os.posix_fadvise(disk_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        try:
-            stream = open(manifest_source, "rb", buffering=1 << 20)  # noqa: SIM115
-        except OSError as exc:
-            raise InfraError(f"cannot open manifest {manifest_source}: {exc.strerror}") from None
-        with stream:
-            _skip(stream, skip)
+        with contextlib.ExitStack() as closing:
+            if isinstance(manifest_source, Path):
+                try:
+                    stream: BinaryIO = closing.enter_context(open(manifest_source, "rb", buffering=1 << 20))
+                except OSError as exc:
+                    raise InfraError(f"cannot open manifest {manifest_source}: {exc.strerror}") from None
+            else:
+                stream = manifest_source
+            skip_pad(stream, skip)
             return extract_stream(
-                source, stream, dest=dest, max_size=max_size, dialect=dialect, limits=limits, verbose=verbose
+                source,
+                stream,
+                dest=dest,
+                max_size=max_size,
+                dialect=dialect,
+                limits=limits,
+                verbose=verbose,
+                deadline=deadline,
+                dest_subtree=dest_subtree,
             )
     finally:
         os.close(disk_fd)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cloudbuild extract",
-        description="Copy result files out of a raw/qcow2 disk by a blocklist manifest (obs-build's extractbuild).",
-    )
-    parser.add_argument(
-        "--disk", required=True, type=Path, metavar="IMAGE", help="root disk: image or block device"
-    )
-    parser.add_argument(
-        "--input", type=Path, metavar="FILE", help="manifest source (swap disk); default stdin"
-    )
-    parser.add_argument(
-        "--skip", type=int, default=0, metavar="N", help="bytes of build status before the manifest"
-    )
-    parser.add_argument("--qcow2", "--qcow", action="store_true", help="the disk is a qcow2 image")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="print each name")
-    parser.add_argument(
-        "--dest", type=Path, default=Path("."), metavar="DIR", help="where to extract (default: .)"
-    )
-    parser.add_argument(
-        "--max-size",
-        type=int,
-        metavar="BYTES",
-        help="limit on the bytes of all files (default: the disk's size)",
-    )
-    parser.add_argument(
-        "--manifest-format",
-        choices=manifest.DIALECTS,
-        default="auto",
-        help="auto (default): obs lines (mtime and mode trailers honoured) unless a '%%format mtime' "
-        "header says inline mtimes; obs; mtime: inline-mtime lines even without the header",
-    )
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.skip < 0 or (args.max_size is not None and args.max_size < 0):
-            raise UsageError("--skip and --max-size must not be negative")
-        if args.input is None:
-            try:
-                disk_fd = os.open(args.disk, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise InfraError(f"cannot open disk {args.disk}: {exc.strerror}") from None
-            try:
-                stdin = sys.stdin.buffer
-                _skip(stdin, args.skip)
-                extract_stream(
-                    open_disk(disk_fd, qcow2=args.qcow2),
-                    stdin,
-                    dest=args.dest,
-                    max_size=args.max_size,
-                    dialect=args.manifest_format,
-                    verbose=args.verbose,
-                )
-            finally:
-                os.close(disk_fd)
-        else:
-            extract_results(
-                args.disk,
-                args.input,
-                skip=args.skip,
-                dest=args.dest,
-                max_size=args.max_size,
-                qcow2=args.qcow2,
-                dialect=args.manifest_format,
-                verbose=args.verbose,
-            )
-    except CloudbuildError as exc:
-        sys.stdout.flush()
-        print(f"cloudbuild extract: {exc}", file=sys.stderr)
-        return int(exc.exit_code)
-    except OSError as exc:  # the host's I/O (reading the disk, writing dest): retry elsewhere
-        sys.stdout.flush()
-        print(f"cloudbuild extract: {exc}", file=sys.stderr)
-        return int(InfraError.exit_code)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

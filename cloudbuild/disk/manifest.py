@@ -4,32 +4,30 @@ The guest writes the manifest (`cloudbuild.disk.blocklist`), the host reads it
 (`cloudbuild.disk.extract`); both import this module, so it is STDLIB ONLY (the guest agent
 imports it inside the build machine).
 
-Syntax (obs-build's `computeblocklists` / `extractbuild`, docs/results.md has the full story)::
+Syntax (obs-build's `computeblocklists` / `extractbuild` since 2026-01, commits 09e6b8c9 and
+2d25532c; docs/results.md has the full story)::
 
-    d NAME                              a directory
-    l NAME TARGET                       a symlink
-    f NAME 0                            an empty file
-    f NAME SIZE BLKSIZE EXTENT...       a file: SIZE bytes made of the extents, in order
-    <empty line>                        end of the manifest
+    d NAME MTIME                              a directory
+    l NAME MTIME TARGET                       a symlink
+    f NAME MTIME 0                            an empty file
+    f NAME MTIME SIZE BLKSIZE EXTENT...       a file: SIZE bytes made of the extents, in order
+    <empty line>                              end of the manifest
 
 EXTENT is ``START[:OFF][-END[:OFF]]``: disk blocks of BLKSIZE bytes plus byte offsets, both ends
 inclusive (a missing start offset is 0, a missing end is the start block, a missing end offset is
 BLKSIZE-1). A run that starts at disk byte 0 is a hole. NAME and TARGET escape the bytes
 0x00-0x1f, space and ``%`` as ``%XX`` (upper-case hex).
 
-cloudbuild extensions carry modification times and permissions (obs-build's manifests have
-neither):
+Two dialects, chosen by the reader, never guessed from the manifest: `obs` (the lines above,
+today's obs-build) and `obs-2018` (the same lines without MTIME: obs-build 2018 to 2025, e.g.
+Debian's 2021 package).
 
-* *trailers*: after the terminating empty line, a sequence of trailers, each a marker line, its
-  ``NAME VALUE`` lines and an empty line: ``%mtimes`` (``NAME MTIME``, any entry) and ``%modes``
-  (``NAME MODE``, files and directories; MODE is four octal digits, only the ``0777`` bits are
-  used). Each trailer at most once, each name at most once per trailer. obs-build's extractbuild
-  stops at the first empty line and never sees them, so a manifest with trailers is still an
-  obs-build manifest; the writer puts ``%mtimes`` first, so a cloudbuild that knows only that
-  trailer (it stops after it) reads the manifest as before.
-* the *inline* generation: a first line ``%format mtime``, then ``d NAME MTIME``,
-  ``l NAME MTIME TARGET``, ``f NAME MTIME 0`` / ``f NAME MTIME SIZE BLKSIZE EXTENT...``.
-  obs-build's extractbuild refuses it on its first line, before creating anything.
+cloudbuild extensions, *trailers* after the terminating empty line (every extractbuild stops
+there and never sees them): a sequence of trailers, each a marker line, its ``NAME VALUE`` lines
+and an empty line. ``%modes`` (``NAME MODE``, files and directories; MODE is four octal digits,
+only the ``0777`` bits are used) in both dialects; ``%mtimes`` (``NAME MTIME``, any entry) only in
+`obs-2018`, whose lines carry no mtime (the writer puts it before ``%modes``). Each trailer at most
+once, each name at most once per trailer.
 
 The parser is strict: it accepts exactly what the writers produce (canonical numbers and escapes,
 single spaces, no raw control bytes) and refuses anything else with `UntrustedData`, within fixed
@@ -47,20 +45,22 @@ from cloudbuild.errors import UntrustedData
 
 MIB = 1024 * 1024
 
-Dialect = Literal["auto", "obs", "mtime"]
-"""How to read a manifest: `auto` (``%format mtime`` header selects inline mtimes, else obs lines
-with optional mtime and mode trailers), `obs` (obs lines only), `mtime` (inline mtime lines, header optional)."""
+Dialect = Literal["obs", "obs-2018"]
+"""How to read a manifest: `obs` (today's lines with inline mtimes, optional ``%modes`` trailer; the
+default) or `obs-2018` (lines without mtimes, optional ``%mtimes`` and ``%modes`` trailers)."""
 
-WriteFormat = Literal["obs", "obs+meta", "obs+mtimes", "mtime"]
-"""What to write: `obs` (byte-identical to computeblocklists), `obs+meta` (obs lines, the mtime and
-the mode trailer: readable by every extractbuild, mtimes and modes restored by cloudbuild; the
-default), `obs+mtimes` (obs lines and the mtime trailer only), `mtime` (inline generation, no modes)."""
+WriteFormat = Literal["obs", "obs+modes", "obs-2018", "obs-2018+meta", "obs-2018+mtimes"]
+"""What to write: `obs` (byte-identical to today's computeblocklists), `obs+modes` (those lines,
+the terminating empty line and the ``%modes`` trailer: the default; today's extractbuild reads it),
+`obs-2018` (byte-identical to the 2018..2025 computeblocklists), `obs-2018+meta` (those lines, the
+``%mtimes`` and the ``%modes`` trailer: the 2018 extractbuild reads it), `obs-2018+mtimes` (those
+lines and the ``%mtimes`` trailer only)."""
 
-WRITE_FORMATS: tuple[WriteFormat, ...] = ("obs", "obs+meta", "obs+mtimes", "mtime")
-DEFAULT_WRITE_FORMAT: WriteFormat = "obs+meta"
-DIALECTS: tuple[Dialect, ...] = ("auto", "obs", "mtime")
+WRITE_FORMATS: tuple[WriteFormat, ...] = ("obs", "obs+modes", "obs-2018", "obs-2018+meta", "obs-2018+mtimes")
+DEFAULT_WRITE_FORMAT: WriteFormat = "obs+modes"
+DIALECTS: tuple[Dialect, ...] = ("obs", "obs-2018")
+DEFAULT_DIALECT: Dialect = "obs"
 
-HEADER_MTIME = b"%format mtime"
 TRAILER_MTIMES = b"%mtimes"
 TRAILER_MODES = b"%modes"
 TRAILERS = (TRAILER_MTIMES, TRAILER_MODES)
@@ -261,9 +261,23 @@ def extent_token(start: int, end: int, blksize: int, *, islast: bool = False) ->
     return token
 
 
-def header(fmt: WriteFormat) -> bytes:
-    """What precedes the first entry line."""
-    return HEADER_MTIME + b"\n" if fmt == "mtime" else b""
+def inline_mtimes(fmt: WriteFormat) -> bool:
+    """Whether `fmt`'s lines carry the mtime (today's form) or not (the 2018 form)."""
+    return not fmt.startswith("obs-2018")
+
+
+def ending(
+    fmt: WriteFormat, mtimes: Iterable[tuple[bytes, int]], modes: Iterable[tuple[bytes, int]]
+) -> bytes:
+    """What follows `fmt`'s entry lines: nothing (`obs`, `obs-2018`: as computeblocklists, the
+    pad terminates), else the terminating empty line and the format's trailers."""
+    if fmt in ("obs", "obs-2018"):
+        return b""
+    if fmt == "obs+modes":
+        return b"\n" + mode_trailer(modes)
+    if fmt == "obs-2018+mtimes":
+        return b"\n" + mtime_trailer(mtimes)
+    return b"\n" + mtime_trailer(mtimes) + mode_trailer(modes)
 
 
 def dir_line(name: bytes, *, mtime: int | None = None) -> bytes:
@@ -288,7 +302,7 @@ def file_line(
 
 
 def mtime_trailer(mtimes: Iterable[tuple[bytes, int]]) -> bytes:
-    """The mtime trailer written after the terminating empty line (obs+meta, obs+mtimes)."""
+    """The mtime trailer written after the terminating empty line (2018 form only)."""
     lines = [TRAILER_MTIMES + b"\n"]
     lines.extend(b"%s %d\n" % (escape(name), mtime) for name, mtime in mtimes)
     lines.append(b"\n")
@@ -296,8 +310,8 @@ def mtime_trailer(mtimes: Iterable[tuple[bytes, int]]) -> bytes:
 
 
 def mode_trailer(modes: Iterable[tuple[bytes, int]]) -> bytes:
-    """The mode trailer (obs+meta): files and directories only, the PERMISSIONS bits as four octal
-    digits (e.g. ``0755``). Written after the mtime trailer."""
+    """The mode trailer: files and directories only, the PERMISSIONS bits as four octal digits
+    (e.g. ``0755``). Written after the mtime trailer, if any."""
     lines = [TRAILER_MODES + b"\n"]
     lines.extend(b"%s %04o\n" % (escape(name), mode & PERMISSIONS) for name, mode in modes)
     lines.append(b"\n")
@@ -374,25 +388,26 @@ class _Reader:
         return raw[:-1]
 
 
-def parse(stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAULT_LIMITS) -> Iterator[Entry]:
+def parse(
+    stream: BinaryIO, *, dialect: Dialect = DEFAULT_DIALECT, limits: Limits = DEFAULT_LIMITS
+) -> Iterator[Entry]:
     """Entries of the manifest read from `stream` (positioned after the status pad), in order,
-    checked as they come; raises UntrustedData at the first problem.
+    checked as they come; raises UntrustedData at the first problem. `dialect` is the reader's
+    choice: nothing in the manifest changes how its lines are split.
 
     Guarantees for every entry yielded: the name passes `name_problem`, is not a duplicate, and
     its parent is a `Dir` yielded before; symlink targets pass `symlink_problem`; a File's
-    runs() add up to exactly its size. Mtime and Mode entries (trailers) come after all other
-    entries and name an entry yielded before, once each per trailer; a Mode names a File or Dir
-    (`directory` says which), never a Symlink, and its mode has no bit beyond PERMISSIONS.
+    runs() add up to exactly its size; in the `obs` dialect every Dir, Symlink and File has its
+    mtime. Mtime and Mode entries (trailers) come after all other entries and name an entry
+    yielded before, once each per trailer; a Mode names a File or Dir (`directory` says which),
+    never a Symlink, and its mode has no bit beyond PERMISSIONS.
     """
+    if dialect not in DIALECTS:
+        raise ValueError(f"unknown manifest dialect {dialect!r}")
     reader = _Reader(stream, limits)
     kinds: dict[bytes, str] = {}
-    inline = dialect == "mtime"
+    inline = dialect == "obs"
     line = reader.line()
-    if line is not None and line.startswith(b"%"):
-        if line != HEADER_MTIME or dialect == "obs":
-            raise UntrustedData(f"manifest: unknown header line {_show(line)}")
-        inline = True
-        line = reader.line()
     while line:  # None (end of input) or b"" (terminator) end the entries
         if len(kinds) >= limits.max_entries:
             raise UntrustedData(f"manifest: more than {limits.max_entries} entries")
@@ -400,10 +415,10 @@ def parse(stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAU
         kinds[entry.name] = type(entry).__name__
         yield entry
         line = reader.line()
-    if line is None or inline:
+    if line is None:
         return
-    # obs lines: trailers may follow the terminator, each right after the previous one's empty
-    # line; anything else there is the pad or old swap contents and is never parsed
+    # trailers may follow the terminator, each right after the previous one's empty line;
+    # anything else there is the pad or old swap contents and is never parsed
     trailers: set[bytes] = set()
     while True:
         marker = reader.marker(TRAILERS)
@@ -411,6 +426,11 @@ def parse(stream: BinaryIO, *, dialect: Dialect = "auto", limits: Limits = DEFAU
             return
         if marker in trailers:
             raise UntrustedData(f"manifest: line {reader.lineno}: second {marker.decode()} trailer")
+        if inline and marker == TRAILER_MTIMES:
+            raise UntrustedData(
+                f"manifest: line {reader.lineno}: a %mtimes trailer in the obs dialect (its lines carry "
+                "the mtimes; a 2018-form manifest needs --manifest-format obs-2018)"
+            )
         trailers.add(marker)
         yield from _trailer(reader, marker, kinds)
 

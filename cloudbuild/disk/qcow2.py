@@ -98,6 +98,9 @@ class Qcow2Image:
         self.cluster_size = 1 << cluster_bits
         self.l2_bits = cluster_bits - 3
         self.size = size
+        # what the image can hold: the default limit on extracted bytes (the header's virtual size
+        # is the guest's claim; 2**60 would let a sparse manifest entry run for days)
+        self.data_limit = self.file_size
         l2_span = self.cluster_size << self.l2_bits  # guest bytes one L2 table maps
         needed = (size + l2_span - 1) // l2_span
         if l1_size < needed:
@@ -129,6 +132,17 @@ class Qcow2Image:
         if len(self._l2_cache) > self._l2_cache_max:
             self._l2_cache.popitem(last=False)
         return table
+
+    def _unmapped_span(self, vcluster: int) -> int:
+        """Clusters from `vcluster` to the end of its L2 table's span when that table is absent
+        (all zeros: mapped in one step, not cluster by cluster), else 0."""
+        l1_index = vcluster >> self.l2_bits
+        if l1_index < len(self._l1) and self._l1[l1_index] & _OFFSET_MASK == 0:
+            if self._l1[l1_index] & _L1_RESERVED:
+                raise UntrustedData(f"qcow2: bad L1 entry {l1_index}")
+            span: int = ((l1_index + 1) << self.l2_bits) - vcluster
+            return span
+        return 0
 
     def _cluster(self, vcluster: int) -> int | None:
         """Host offset of guest cluster `vcluster`, None if it reads as zeros."""
@@ -165,9 +179,14 @@ class Qcow2Image:
         end = offset + length
         while offset < end:
             vcluster, within = divmod(offset, self.cluster_size)
-            piece = min(self.cluster_size - within, end - offset)
-            host = self._cluster(vcluster)
-            host = None if host is None else host + within
+            span = self._unmapped_span(vcluster)
+            if span:
+                piece = min(span * self.cluster_size - within, end - offset)
+                host = None
+            else:
+                piece = min(self.cluster_size - within, end - offset)
+                host = self._cluster(vcluster)
+                host = None if host is None else host + within
             if pending_len and (
                 (host is None and pending_host is None)
                 or (host is not None and pending_host is not None and pending_host + pending_len == host)

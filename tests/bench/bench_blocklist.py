@@ -22,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.disk.conftest import COMPUTEBLOCKLISTS, mounted  # noqa: E402
+from tests.disk.conftest import PEER_COMPUTEBLOCKLISTS as COMPUTEBLOCKLISTS  # noqa: E402  (today's obs-build)
+from tests.disk.conftest import mounted  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -72,7 +73,7 @@ def main() -> int:
             commands = {
                 "cloudbuild blocklist": (
                     [
-                        f"find RPMS -print0 | {python} -m cloudbuild.disk.blocklist --format obs --manifest - -0"
+                        f"find RPMS -print0 | {python} -m cloudbuild.commands.blocklist --format obs --manifest - -0"
                     ],
                     True,
                 ),

@@ -1,6 +1,7 @@
 """Real filesystem images for the result-channel tests: ext4 and xfs images holding a tree of
 awkward result files, their manifests written by cloudbuild and by obs-build's perl
-computeblocklists while mounted, and the expected tree.
+computeblocklists while mounted (today's, from the peer copy in ../shared/peers/obs-build, and
+Debian's 2021 package, the 2018 form), and the expected tree.
 
 Loop devices and mounts are released in `finally`. Every tool used is required: a missing one
 fails the test run instead of skipping it.
@@ -25,9 +26,23 @@ import pytest
 from cloudbuild.disk import blocklist
 from cloudbuild.disk.manifest import WRITE_FORMATS
 
-OBS_BUILD = Path("/usr/lib/obs-build")
+OBS_BUILD = Path("/usr/lib/obs-build")  # Debian's 2021 package: the 2018 form (scripts/setup --test)
 COMPUTEBLOCKLISTS = OBS_BUILD / "computeblocklists"
 EXTRACTBUILD = OBS_BUILD / "extractbuild"
+# today's obs-build (inline mtimes), run as a peer and never copied into the project: the
+# workspace's ../shared/peers/obs-build (beside the checkout, or /work/shared for a worktree)
+_PEER_CANDIDATES = [
+    Path(__file__).resolve().parents[3] / "shared" / "peers" / "obs-build",
+    Path("/work/shared/peers/obs-build"),
+]
+PEER = Path(
+    os.environ.get("CLOUDBUILD_OBS_BUILD_PEER")
+    or next(
+        (str(p) for p in _PEER_CANDIDATES if (p / "computeblocklists").is_file()), str(_PEER_CANDIDATES[0])
+    )
+)
+PEER_COMPUTEBLOCKLISTS = PEER / "computeblocklists"
+PEER_EXTRACTBUILD = PEER / "extractbuild"
 PAD = 512
 MIB = 1024 * 1024
 
@@ -224,14 +239,24 @@ class ResultDisk:
     fstype: str
     image: Path
     expected: Snapshot  # the result tree (bad symlinks excluded), with mtimes and modes (0777 bits)
-    swaps: dict[str, Path]  # manifest flavour -> swap image: perl, obs, obs+meta, obs+mtimes, mtime, fibmap
+    # manifest flavour -> swap image: perl (today's), perl-2018 (Debian's), fibmap, each WRITE_FORMATS
+    swaps: dict[str, Path]
     manifests: dict[str, bytes]
     blksize: int
     unwritten: list[tuple[int, int, int]]  # out/unwritten's FIEMAP extents: physical, length, flags
 
 
+def require_peer() -> None:
+    for script in (PEER_COMPUTEBLOCKLISTS, PEER_EXTRACTBUILD):
+        if not script.is_file():
+            pytest.fail(
+                f"{script} is missing: set CLOUDBUILD_OBS_BUILD_PEER to a folder with today's obs-build scripts"
+            )
+
+
 def _build(fstype: str, workdir: Path) -> ResultDisk:
     require_tool("perl")
+    require_peer()
     image = workdir / f"{fstype}.img"
     make_fs(image, fstype, 64 if fstype == "ext4" else 320)
     manifests: dict[str, bytes] = {}
@@ -240,27 +265,18 @@ def _build(fstype: str, workdir: Path) -> ResultDisk:
         os.sync()
         names = result_names(mnt)
         listing = b"\0".join(names) + b"\0"
-        manifests["perl"] = run(
-            [
-                "perl",
-                COMPUTEBLOCKLISTS,
-                "--padstart",
-                str(PAD),
-                "--padend",
-                str(PAD),
-                "--manifest",
-                "-",
-                "-0",
-            ],
-            cwd=mnt,
-            input=listing,
-        ).stdout
+        for flavour, script in (("perl", PEER_COMPUTEBLOCKLISTS), ("perl-2018", COMPUTEBLOCKLISTS)):
+            manifests[flavour] = run(
+                ["perl", script, "--padstart", str(PAD), "--padend", str(PAD), "--manifest", "-", "-0"],
+                cwd=mnt,
+                input=listing,
+            ).stdout
         for fmt in WRITE_FORMATS:
             manifests[fmt] = run(
                 [
                     sys.executable,
                     "-m",
-                    "cloudbuild.disk.blocklist",
+                    "cloudbuild.commands.blocklist",
                     "--padstart",
                     str(PAD),
                     "--padend",
@@ -278,7 +294,7 @@ def _build(fstype: str, workdir: Path) -> ResultDisk:
             [
                 sys.executable,
                 "-m",
-                "cloudbuild.disk.blocklist",
+                "cloudbuild.commands.blocklist",
                 "--padstart",
                 str(PAD),
                 "--padend",

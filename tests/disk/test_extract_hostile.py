@@ -1,7 +1,8 @@
 """A hostile guest writes the manifest: every bad one fails with exit 3 and leaves nothing behind.
 
-The curated corpus is tests/disk/hostile/*.manifest (read with --skip 0 against a 1 MiB raw disk);
-the hypothesis fuzz below generates manifests from a grammar of dangerous tokens. For a long fuzz
+The curated corpus is tests/disk/hostile/{obs,obs-2018}/*.manifest, every case in both forms (read
+with --skip 0 and the matching --manifest-format against a 1 MiB raw disk); the hypothesis fuzz
+below generates manifests from a grammar of dangerous tokens, in both forms. For a long fuzz
 run: CLOUDBUILD_FUZZ_EXAMPLES=200000 pytest tests/disk/test_extract_hostile.py -k fuzz
 """
 
@@ -22,13 +23,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cloudbuild.commands.extract import main
 from cloudbuild.disk import extract
-from cloudbuild.disk.extract import RawDisk, extract_stream, main
+from cloudbuild.disk.extract import RawDisk, extract_stream
+from cloudbuild.disk.manifest import DIALECTS, Dialect
 from cloudbuild.errors import InfraError, UntrustedData
 
 from .conftest import leftovers
+from .forms import in_form, to_today
+from .hostile import regenerate
 
-CORPUS = sorted((Path(__file__).parent / "hostile").glob("*.manifest"))
+HOSTILE = Path(__file__).parent / "hostile"
+CORPUS = [(form, case) for form in DIALECTS for case in sorted((HOSTILE / form).glob("*.manifest"))]
 DISK_SIZE = 1024 * 1024
 FUZZ_EXAMPLES = int(os.environ.get("CLOUDBUILD_FUZZ_EXAMPLES", "200"))
 
@@ -40,15 +46,20 @@ def small_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return disk
 
 
-def test_corpus_is_large_enough() -> None:
-    assert len(CORPUS) >= 25
+def test_corpus_is_large_enough_and_every_case_is_in_both_forms() -> None:
+    old = sorted(p.name for p in (HOSTILE / "obs-2018").glob("*.manifest"))
+    assert len(old) >= 70
+    assert sorted(p.name for p in (HOSTILE / "obs").glob("*.manifest")) == old
+    assert {name: (HOSTILE / "obs" / name).read_bytes() for name in old} == regenerate.generated()
 
 
-@pytest.mark.parametrize("case", CORPUS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(("form", "case"), CORPUS, ids=lambda x: x.stem if isinstance(x, Path) else x)
 def test_hostile_manifest_fails_cleanly_with_exit_3(
-    case: Path, small_disk: Path, dest: Path, capsys: pytest.CaptureFixture[str]
+    form: str, case: Path, small_disk: Path, dest: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["--disk", str(small_disk), "--input", str(case), "--dest", str(dest)])
+    code = main(
+        ["--disk", str(small_disk), "--input", str(case), "--dest", str(dest), "--manifest-format", form]
+    )
     err = capsys.readouterr().err
     assert code == 3, err
     reason = [line for line in err.splitlines() if line.startswith("cloudbuild extract: ")]
@@ -56,13 +67,18 @@ def test_hostile_manifest_fails_cleanly_with_exit_3(
     assert leftovers(dest) == []
 
 
-def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: Path) -> None:
+@pytest.mark.parametrize("form", DIALECTS)
+def test_a_valid_manifest_in_the_same_harness_succeeds(small_disk: Path, dest: Path, form: Dialect) -> None:
     """The corpus harness can tell success from failure."""
     good = dest.parent.parent / "good.manifest"
     good.write_bytes(
-        b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n"
+        in_form(
+            b"d ok\nf ok/data 2048 1024 1-2\nl ok/link data\nf ok/hole 3000 1024 0-1 3:100-3:199 0-0:851\n\n",
+            form,
+        )
     )
-    assert main(["--disk", str(small_disk), "--input", str(good), "--dest", str(dest)]) == 0
+    argv = ["--disk", str(small_disk), "--input", str(good), "--dest", str(dest), "--manifest-format", form]
+    assert main(argv) == 0
     data = small_disk.read_bytes()
     assert (dest / "ok" / "data").read_bytes() == data[1024:3072]
     assert (dest / "ok" / "hole").read_bytes() == bytes(2048) + data[3172:3272] + bytes(852)
@@ -74,8 +90,10 @@ def test_setuid_setgid_and_sticky_claims_come_back_as_permission_bits_only(
 ) -> None:
     manifest = dest.parent.parent / "claims.manifest"
     manifest.write_bytes(
-        b"f suid 2048 1024 1-2\nd sticky\nf sticky/sgid 0\nf plain 0\n\n"
-        b"%modes\nsuid 4755\nsticky 1777\nsticky/sgid 2750\nplain 0600\n\n"
+        to_today(
+            b"f suid 2048 1024 1-2\nd sticky\nf sticky/sgid 0\nf plain 0\n\n"
+            b"%modes\nsuid 4755\nsticky 1777\nsticky/sgid 2750\nplain 0600\n\n"
+        )
     )
     assert main(["--disk", str(small_disk), "--input", str(manifest), "--dest", str(dest)]) == 0
     modes = {
@@ -123,7 +141,11 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
     shutil.copy(small_disk, work / "disk")
     (work / "dest").mkdir()
     proc = _as_nobody(
-        [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", "disk", "--input", "m", "--dest", "dest"],
+        [
+            sys.executable,
+            *(["-m", "cloudbuild.commands.extract", "--manifest-format", "obs-2018"]),
+            *(["--disk", "disk", "--input", "m", "--dest", "dest"]),
+        ],
         work,
     )
     assert proc.returncode == 0, proc.stderr
@@ -143,7 +165,9 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
         [
             sys.executable,
             "-m",
-            "cloudbuild.disk.extract",
+            "cloudbuild.commands.extract",
+            "--manifest-format",
+            "obs-2018",
             "--disk",
             "disk",
             "--input",
@@ -160,12 +184,15 @@ def test_read_only_directories_are_filled_first_even_without_root(small_disk: Pa
 
 def test_hostile_manifest_through_the_command_line(small_disk: Path, dest: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "cloudbuild.disk.extract", "--disk", str(small_disk), "--dest", str(dest)],
-        input=b"d a\nf a/../../etc/passwd 0\n",
+        [sys.executable, "-m", "cloudbuild.commands.extract", "--disk", str(small_disk), "--dest", str(dest)],
+        input=b"d a 5\nf a/../../etc/passwd 5 0\n",
         capture_output=True,
     )
     assert proc.returncode == 3
-    assert proc.stderr.decode().strip().splitlines()[-1].startswith("cloudbuild extract: ")
+    # the reason is the name rule itself: exit 3 alone would also come from the parent rule
+    reason = proc.stderr.decode().strip().splitlines()[-1]
+    assert reason.startswith("cloudbuild extract: manifest: line 2: "), reason
+    assert "'..' component: 'a/../../etc/passwd'" in reason, reason
     assert leftovers(dest) == []
 
 
@@ -174,7 +201,7 @@ def test_existing_symlink_in_destination_is_not_written_through(small_disk: Path
     outside.mkdir()
     os.symlink(outside, dest / "a")
     with pytest.raises(UntrustedData, match="already exists"):
-        extract_stream(RawDisk(os.open(small_disk, os.O_RDONLY)), io.BytesIO(b"d a\nf a/x 0\n\n"), dest=dest)
+        extract_stream(RawDisk(os.open(small_disk, os.O_RDONLY)), io.BytesIO(to_today(b"d a\nf a/x 0\n\n")), dest=dest)
     assert os.listdir(outside) == []
 
 
@@ -186,11 +213,11 @@ def test_line_and_entry_limits(small_disk: Path, dest: Path) -> None:
         disk = RawDisk(fd)
         with pytest.raises(UntrustedData, match="longer than"):
             extract_stream(
-                disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100)
+                disk, io.BytesIO(b"f " + b"a" * 200 + b" 0\n\n"), dest=dest, limits=Limits(max_line=100), dialect="obs-2018"
             )
         with pytest.raises(UntrustedData, match="more than 3 entries"):
             extract_stream(
-                disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3)
+                disk, io.BytesIO(b"f a 0\nf b 0\nf c 0\nf d 0\n\n"), dest=dest, limits=Limits(max_entries=3), dialect="obs-2018"
             )
         with pytest.raises(UntrustedData, match="longer than 50 bytes"):
             extract_stream(
@@ -198,6 +225,7 @@ def test_line_and_entry_limits(small_disk: Path, dest: Path) -> None:
                 io.BytesIO(b"".join(b"f %d 0\n" % i for i in range(20))),
                 dest=dest,
                 limits=Limits(max_manifest=50),
+                dialect="obs-2018",
             )
     finally:
         os.close(fd)
@@ -260,9 +288,15 @@ def _line(draw: st.DrawFn) -> str:
     return f"{kind} {name}" if kind else ""
 
 
+_MTIMES = st.one_of(
+    st.integers(0, 10**11 - 1).map(str), st.sampled_from(["0", "-1", "01", "1e9", "10" + "0" * 10, "x"])
+)
+
+
 @st.composite
-def _plausible(draw: st.DrawFn) -> bytes:
-    """Mostly well-formed manifests (so extraction gets far), with a few dangerous choices."""
+def _plausible(draw: st.DrawFn, form: Dialect = "obs-2018") -> bytes:
+    """Mostly well-formed manifests (so extraction gets far), with a few dangerous choices; in
+    today's form each line gets its own drawn mtime (mostly good) and no %mtimes trailer."""
     dirs = [""]
     lines: list[str] = []
     names: list[str] = []
@@ -293,9 +327,11 @@ def _plausible(draw: st.DrawFn) -> bytes:
             if draw(st.integers(0, 4)) == 0:
                 tokens[draw(st.integers(0, len(tokens) - 1))] = draw(_extent())
             lines.append(f"f {name} {size} {bs} {' '.join(tokens)}")
+    if form == "obs":
+        lines = [_with_mtime(line, draw(_MTIMES) if draw(st.integers(0, 9)) == 0 else "1700000000") for line in lines]
     text = "\n".join(lines) + "\n\n"
     trailers = []
-    if draw(st.booleans()):
+    if form == "obs-2018" and draw(st.booleans()):
         stamped = draw(st.lists(st.sampled_from(names), max_size=3))
         trailers.append("%mtimes\n" + "".join(f"{n} {draw(_NUMBERS)}\n" for n in stamped) + "\n")
     if draw(st.booleans()):
@@ -307,10 +343,16 @@ def _plausible(draw: st.DrawFn) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def _with_mtime(line: str, mtime: str) -> str:
+    kind, name, *rest = line.split(" ")
+    return " ".join([kind, name, mtime, *rest])
+
+
 @st.composite
-def _manifest(draw: st.DrawFn) -> bytes:
+def _manifest(draw: st.DrawFn, form: Dialect) -> bytes:
+    """A manifest in `form`: plausible ones written in it, raw grammar ones converted to it."""
     if draw(st.integers(0, 2)):
-        return draw(_plausible())
+        return draw(_plausible(form))
     lines = draw(st.lists(_line(), max_size=12))
     if draw(st.booleans()):
         lines.insert(0, "%format mtime")
@@ -326,7 +368,7 @@ def _manifest(draw: st.DrawFn) -> bytes:
             ]
         )
     )
-    data = text.encode("utf-8", "surrogateescape")
+    data = in_form(text.encode("utf-8", "surrogateescape"), form)
     if draw(st.integers(0, 9)) == 0:
         data += draw(st.binary(max_size=64))
     return data
@@ -357,8 +399,14 @@ def _all_paths(root: str) -> Iterator[str]:
 @settings(
     max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(data=_manifest(), max_size=st.sampled_from([None, 0, 4096, 100_000]))
-def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, max_size: int | None) -> None:
+@given(
+    form_and_data=st.sampled_from(DIALECTS).flatmap(lambda form: st.tuples(st.just(form), _manifest(form))),
+    max_size=st.sampled_from([None, 0, 4096, 100_000]),
+)
+def test_fuzz_extractor_stays_inside_its_bounds(
+    small_disk: Path, form_and_data: tuple[Dialect, bytes], max_size: int | None
+) -> None:
+    form, data = form_and_data
     guard = _Guard(DISK_SIZE)
     with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as sandbox:
         patch.setattr(extract._Copier, "copy", guard.wrap(extract._Copier.copy))
@@ -368,7 +416,7 @@ def test_fuzz_extractor_stays_inside_its_bounds(small_disk: Path, data: bytes, m
         canary.mkdir()
         fd = os.open(small_disk, os.O_RDONLY)
         try:
-            extract_stream(RawDisk(fd), io.BytesIO(data), dest=dest, max_size=max_size)
+            extract_stream(RawDisk(fd), io.BytesIO(data), dest=dest, max_size=max_size, dialect=form)
             ok = True
         except UntrustedData:
             ok = False
@@ -410,7 +458,7 @@ def test_a_failure_while_moving_into_place_takes_back_what_was_moved(
     fd = os.open(small_disk, os.O_RDONLY)
     try:
         with pytest.raises(InfraError, match="No space left"):
-            extract_stream(RawDisk(fd), io.BytesIO(b"d a\nf b 0\nf c 0\nf d 0\n\n"), dest=dest)
+            extract_stream(RawDisk(fd), io.BytesIO(to_today(b"d a\nf b 0\nf c 0\nf d 0\n\n")), dest=dest)
     finally:
         os.close(fd)
     assert calls[:3] == [b"a", b"b", b"c"]

@@ -110,6 +110,8 @@ def test_success_returns_results_byte_exact_with_log_and_statistics(
         'chmod 755 "$BUILD_RESULTS/pkg/tool"\n'
         'chmod 700 "$BUILD_RESULTS/pkg/deep"\n'
         'ln -s deep/er/big.bin "$BUILD_RESULTS/pkg/link"\n'
+        'ln -s .. "$BUILD_RESULTS/up"\n'  # inside the manifest's tree, outside DEST: dropped
+        'ln -s ../.. "$BUILD_RESULTS/pkg/up"\n'
         ': > "$BUILD_RESULTS/empty"\n'
         'echo "recipe ran"\n',
     )
