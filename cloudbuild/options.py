@@ -373,7 +373,7 @@ def resolve_paths(options: VmOptions, *, cwd: Path | None = None) -> VmOptions:
     """Make the local paths absolute so later phases do not depend on the working directory."""
     base = cwd or Path.cwd()
     changes: dict[str, Any] = {}
-    # not --emulator-script: obs-build resolves a relative name in the emulator folder (local_backends/emulator.py)
+    # not --emulator-script: obs-build resolves a relative name in the emulator folder (local_backends/machines/emulator.py)
     names = ["rootfs", "dest", "root", "rpmlist", "hugetlbfs"]
     if options.vm_type not in CLOUD_VM_TYPES:
         # on a cloud these name a volume or an image, not a local file

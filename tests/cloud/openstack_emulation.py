@@ -222,8 +222,8 @@ def nova_argv(argv: list[str], root_id: str, swap_id: str) -> list[str]:
 def qemu_guest(*, timeout: float, memory_mib: int = 512) -> Guest:
     """The builder server played by the local qemu backend (TCG) with the real guest agent."""
     from local_backends.localvolume import LocalVolume
-    from local_backends.qemu import QemuBackend
-    from local_backends.vmproc import run_machine
+    from local_backends.machines.qemu import QemuBackend
+    from local_backends.machines.vmproc import run_machine
 
     def run(server_id: str, disks: list[Path], emu: Emulation) -> str:
         root, swap = disks

@@ -20,7 +20,7 @@ from cloudbuild.backend import BuildSlot, create_backend
 from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, UsageError
 from cloudbuild.options import parse
-from local_backends.emulator import EmulatorBackend, script_path
+from local_backends.machines.emulator import EmulatorBackend, script_path
 from tests.fakes import emulator as fake_emulator
 from tests.fakes import guestplay
 from tests.vm import localbuild

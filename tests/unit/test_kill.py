@@ -12,8 +12,8 @@ from cloudbuild.disk import buildstatus
 from cloudbuild.errors import UsageError
 from cloudbuild.options import parse
 from cloudbuild.volume import Role, VolumePair
-from local_backends import vmproc
 from local_backends.localvolume import LocalVolume
+from local_backends.machines import vmproc
 
 
 class RecordingBackend(Backend):

@@ -16,8 +16,8 @@ from cloudbuild.disk import buildstatus
 from cloudbuild.errors import ExitCode, InfraError, UsageError
 from cloudbuild.options import parse
 from cloudbuild.volume import Role, VolumeState
-from local_backends import zvm
-from local_backends.zvm import ZvmBackend, ZvmMinidisk, bus_id, local_devnr
+from local_backends.machines import zvm
+from local_backends.machines.zvm import ZvmBackend, ZvmMinidisk, bus_id, local_devnr
 from tests.fakes import dasd, guestplay, vmcp
 from tests.vm import localbuild
 from tests.vm.localbuild import flow, recipe, sha, tree

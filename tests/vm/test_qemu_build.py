@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from local_backends.kvm import kvm_problem
+from local_backends.machines.kvm import kvm_problem
 from tests.vm import localbuild
 from tests.vm.localbuild import recipe, tree
 

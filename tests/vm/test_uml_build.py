@@ -110,7 +110,7 @@ def test_cloudbuild_kill_marks_the_swap_and_stops_uml(tmp_path: Path, rootfs: Pa
 
 
 def test_the_command_line_is_the_seeds_with_a_memory_unit(tmp_path: Path) -> None:
-    from local_backends.uml import uml_argv
+    from local_backends.machines.uml import uml_argv
 
     argv = uml_argv(
         kernel=Path("/usr/bin/linux.uml"),

@@ -33,7 +33,7 @@ from cloudbuild.options import VmOptions
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import CommandError, run, spawn, terminate, which
 from cloudbuild.volume import Role, Volume, VolumePair, VolumeState
-from local_backends.vmproc import pump
+from local_backends.machines.vmproc import pump
 
 log = get_logger(__name__)
 

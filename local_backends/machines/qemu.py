@@ -1,6 +1,6 @@
 """`--vm-type qemu`: the build machine is a qemu process (TCG, no hardware virtualisation needed).
 
-kvm is the same machine with acceleration (`local_backends/kvm.py` subclasses this), as in
+kvm is the same machine with acceleration (`local_backends/machines/kvm.py` subclasses this), as in
 obs-build where build-vm-qemu reuses build-vm-kvm. The command line is obs-build's kvm one:
 `-no-reboot -nographic -nodefaults`, no network, the root and swap as virtio-blk drives with
 `serial=0`/`serial=1` and `cache=unsafe` (a build disk is thrown away if the host crashes),
@@ -36,7 +36,7 @@ from cloudbuild.volume import VolumePair
 from local_backends import initramfs, kmod
 from local_backends.kernel import bootable_kernel, host_kernel, kernel_release
 from local_backends.localvolume import image_path, local_volumes
-from local_backends.vmproc import ProcessMachineBackend
+from local_backends.machines.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 

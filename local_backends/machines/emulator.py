@@ -35,7 +35,7 @@ from cloudbuild.runner import CommandError, run, which
 from cloudbuild.volume import Role, VolumePair
 from local_backends import e2manifest
 from local_backends.localvolume import LocalVolume, image_path, local_volumes
-from local_backends.vmproc import ProcessMachineBackend
+from local_backends.machines.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
