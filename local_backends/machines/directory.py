@@ -81,15 +81,21 @@ class DirectoryBackend(Backend):
         watchdog.open()
         exit_ = vmproc.run_machine(argv, watchdog, timeout=timeout, started=self._procs, stop=stop)
         watchdog.close()
-        if watchdog.fired:
-            return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s")
-        return self.result(exit_)
+        return self.outcome(exit_, watchdog)
 
-    def result(self, exit_: vmproc.ProcessExit) -> BootResult:
-        if vmproc.was_killed(self.workdir):
-            return BootResult(ExitReason.KILLED, status=1, detail="killed (cloudbuild kill)")
-        if exit_.timed_out:
-            return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
+    def outcome(self, exit_: vmproc.ProcessExit, watchdog: Watchdog) -> BootResult:
+        """vmproc.machine_outcome orders watchdog, timeout and kill; a killed build reports 1."""
+        return vmproc.machine_outcome(
+            exit_,
+            watchdog,
+            name=self.name,
+            killed=vmproc.was_killed(self.workdir),
+            killed_status=1,
+            ended=self.exited,
+        )
+
+    def exited(self, exit_: vmproc.ProcessExit) -> BootResult:
+        """The container ended by itself: the status the agent recorded outside the build root."""
         status = agentroot.read_status(self.status_dir)
         if status is None:
             log.warning("the build left no status", returncode=exit_.returncode)

@@ -131,15 +131,33 @@ def boot_machine(
     return machine_outcome(exit_, dog, name=name, killed=killed() or was_killed(workdir))
 
 
-def machine_outcome(exit_: ProcessExit, dog: Watchdog, *, name: str, killed: bool) -> BootResult:
-    """How a machine ended, from its process' exit, the watchdog's view and whether we killed it."""
+def machine_outcome(
+    exit_: ProcessExit,
+    dog: Watchdog,
+    *,
+    name: str,
+    killed: bool,
+    killed_status: int | None = None,
+    ended: Callable[[ProcessExit], BootResult] | None = None,
+) -> BootResult:
+    """How a machine ended, from its process' exit, the watchdog's view and whether we killed it.
+
+    The one place that orders the verdicts, for every local backend: a watchdog or timeout kill
+    also makes the process exit non-zero, and a machine stopped by `cloudbuild kill` (here or
+    from another process, seen through the kill marker) is KILLED, not CRASHED. `killed_status`
+    is the status a killed build reports where no swap carries one (the directory channel);
+    `ended` says how a machine that ended by itself ended (default: its exit code and the panic
+    the watchdog saw; the directory channel reads the status the agent recorded).
+    """
     if dog.fired:
         after = f" for {dog.timeout:g}s" if dog.timeout is not None else ""
         return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open{after}")
     if exit_.timed_out:
         return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
     if killed:
-        return BootResult(ExitReason.KILLED)
+        return BootResult(ExitReason.KILLED, status=killed_status, detail="killed (cloudbuild kill)")
+    if ended is not None:
+        return ended(exit_)
     if exit_.returncode != 0:
         return BootResult(ExitReason.CRASHED, detail=f"{name} exited {exit_.returncode}")
     if dog.panicked:
