@@ -16,8 +16,9 @@ The protocol, as obs-build's:
   results out of the raw image. So an emulator without swap needs --vm-disk-filesystem ext2/3/4.
 - kill: every process holding the root image (`fuser -k -TERM`).
 
-The guest side is the emulator's: its kernel must start a 2nd stage (obs-build's or our agent)
-that follows the contract of `cloudbuild/buildroot/stage.py`.
+The guest side: the emulator's kernel boots the build root's /sbin/init, which `fixup` links to
+our agent (copied with its python and busybox into /.build/agent, as obs-build links /sbin/init
+to /.build/build); the agent follows the contract of `cloudbuild/buildroot/stage.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run, which
 from cloudbuild.volume import Role, VolumePair
-from local_backends import e2manifest
+from local_backends import agentroot, e2manifest
 from local_backends.localvolume import LocalVolume, image_path, local_volumes
 from local_backends.machines.vmproc import ProcessMachineBackend
 
@@ -122,6 +123,11 @@ class EmulatorBackend(ProcessMachineBackend):
             host_swap = LocalVolume(Role.SWAP, slot.workdir / "emulator-results.swap", HOST_SWAP_MIB)
             self.pair = VolumePair(root, host_swap)
         return self.pair
+
+    def fixup(self, buildroot: Path) -> None:
+        """obs-build links /sbin/init to its 2nd stage for emulators that boot the root's init: ours
+        is the agent, copied with its runtime into the root (agentroot.install_init)."""
+        agentroot.install_init(buildroot)
 
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
