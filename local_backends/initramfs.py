@@ -52,6 +52,7 @@ AGENT_MODULES = (
     "cloudbuild.guest.agent",
     "cloudbuild.guest.sysops",
     "cloudbuild.guest.stats",
+    "cloudbuild.guest.personality",  # imported only for a build under linux32 (it needs ctypes)
     "cloudbuild.disk.buildstatus",
     "cloudbuild.disk.blocklist",
     "cloudbuild.buildroot.builddata",

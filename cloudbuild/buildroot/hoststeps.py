@@ -123,6 +123,33 @@ class DiskHostSteps:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        """A failed build: only DEST.statistics (the manifest of a failed build lists nothing else)."""
+        if swap is None:
+            self._copy_folder_statistics(root, dest)
+            return
+        from cloudbuild.disk.extract import extract_results
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stage-", dir=dest.parent))
+        try:
+            extract_results(root, swap, skip=512, dest=staging, max_size=MAX_STATISTICS)
+            extra = sorted(p.name for p in staging.iterdir() if p.name != stage.STATISTICS)
+            if extra:
+                raise UntrustedData(f"the failed build's manifest lists more than _statistics: {extra[:5]}")
+            self._keep_statistics(staging / stage.STATISTICS, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _keep_statistics(statistics: Path, dest: Path) -> None:
+        if (
+            statistics.is_file()
+            and not statistics.is_symlink()
+            and statistics.stat().st_size <= MAX_STATISTICS
+        ):
+            shutil.move(statistics, statistics_path(dest))
+
     def _move_results(self, staging: Path, dest: Path) -> None:
         results = staging / stage.RESULTS
         if results.is_symlink() or not results.is_dir():
@@ -130,22 +157,22 @@ class DiskHostSteps:
         extra = sorted(p.name for p in staging.iterdir() if p.name not in (stage.RESULTS, stage.STATISTICS))
         if extra:
             raise UntrustedData(f"the build machine's manifest lists unexpected entries: {extra[:5]}")
-        statistics = staging / stage.STATISTICS
-        if (
-            statistics.is_file()
-            and not statistics.is_symlink()
-            and statistics.stat().st_size <= MAX_STATISTICS
-        ):
-            shutil.move(statistics, statistics_path(dest))
+        self._keep_statistics(staging / stage.STATISTICS, dest)
         if dest.is_dir():
             dest.rmdir()  # empty: checked by check_dest
         os.rename(results, dest)
 
     def _extract_folder(self, root: Path, dest: Path) -> None:
-        from cloudbuild.disk.dircopy import copy_results, open_beneath
+        from cloudbuild.disk.dircopy import copy_results
 
         out = root / stage.OUT_DIR
         copy_results(out / stage.RESULTS, dest, max_size=self._folder_limit(), trusted=root)
+        self._copy_folder_statistics(root, dest)
+
+    @staticmethod
+    def _copy_folder_statistics(root: Path, dest: Path) -> None:
+        from cloudbuild.disk.dircopy import open_beneath
+
         # the folder is the guest's: no path through it is followed (a link could point anywhere)
         try:
             out_fd = open_beneath(root, stage.OUT_DIR)

@@ -24,6 +24,7 @@ from pathlib import Path
 from cloudbuild.buildroot.builddata import fill_defaults, write_build_data
 from cloudbuild.disk.mount import mounted
 from cloudbuild.errors import InfraError, UsageError
+from cloudbuild.guest import personality
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run
@@ -96,7 +97,7 @@ def build_variables(
         "RECIPEFILE": recipe.name,
         "BUILD_JOBS": str(options.jobs),
         "BUILD_ARCH": platform.machine(),
-        "PERSONALITY": "0",
+        "PERSONALITY": str(personality.for_build_data(options.vm_type)),
         "MYHOSTNAME": socket.gethostname(),
         "VM_TYPE": options.vm_type,
         "DO_STATISTICS": "1",
