@@ -52,6 +52,8 @@ class VmOptions:
     hugetlbfs: str | None = None
     watchdog: bool = False
     emulator_script: str | None = None
+    shell: bool = False  # RUN_SHELL: a shell in the build machine instead of the recipe
+    shell_after_fail: bool = False  # a shell in the build machine after a failed recipe
     # cloudbuild's own options
     rootfs: str | None = None
     dest: str | None = None
@@ -239,6 +241,15 @@ SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(("hugetlbfs",), "hugetlbfs", "value", "back guest memory with this hugetlbfs mount", "PATH"),
     OptionSpec(("vm-watchdog",), "watchdog", "flag", "kill the VM when a watchdog marker stays open 300 s"),
     OptionSpec(("emulator-script",), "emulator_script", "value", "script that runs the emulator", "SCRIPT"),
+    OptionSpec(
+        ("shell",), "shell", "flag", "a shell in the build machine instead of the recipe (qemu, kvm, chroot)"
+    ),
+    OptionSpec(
+        ("shell-after-fail",),
+        "shell_after_fail",
+        "flag",
+        "a shell in the build machine after a failed recipe",
+    ),
     OptionSpec(
         ("rootfs",), "rootfs", "value", "build root to start from: directory, tarball or image", "PATH"
     ),

@@ -107,6 +107,10 @@ def build_variables(
         "BUILD_ID": build_id,
         "VMDISK_FILESYSTEM": options.filesystem,
     }
+    if options.shell:
+        given["RUN_SHELL"] = "1"
+    if options.shell_after_fail:
+        given["RUN_SHELL_AFTER_FAIL"] = "1"
     if guest_swap:
         given["VM_SWAP"] = guest_swap
     given.update(extra or {})

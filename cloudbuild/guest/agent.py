@@ -276,13 +276,31 @@ class Agent:
             "BUILD_ID": _value(self.data, "BUILD_ID"),
         }
         persona = self.personality()
-        say(f"running {path} ...")
         started = time.monotonic()
+        if _value(self.data, "RUN_SHELL") == "1":  # obs-build's --shell: a shell instead of the recipe
+            say("RUN_SHELL: a shell in the build root instead of the recipe; its exit code is the build's")
+            code = self.run_chrooted(["/bin/sh", "-i"], env, persona, srcdir, console=True)
+            say(f"the shell exited {code}")
+        else:
+            say(f"running {path} ...")
+            code = self.run_chrooted([path], env, persona, srcdir, console=False)
+            say(f"{path} exited {code}" if code >= 0 else f"{path} killed by signal {-code}")
+            if code != 0 and _value(self.data, "RUN_SHELL_AFTER_FAIL") == "1":
+                say("RUN_SHELL_AFTER_FAIL: a shell in the build root; the build stays failed")
+                self.run_chrooted(["/bin/sh", "-i"], env, persona, srcdir, console=True)
+        self.times["TIME_main_build"] = round(time.monotonic() - started)
+        return 0 if code == 0 else 1
+
+    def run_chrooted(
+        self, argv: list[str], env: dict[str, str], persona: int, cwd: str, *, console: bool
+    ) -> int:
+        """Run `argv` chrooted into the build root; stdin is /dev/null unless on the `console`."""
         null = os.open("/dev/null", os.O_RDONLY)  # before the chroot: the root may have no /dev yet
         pid = os.fork()
-        if pid == 0:  # the recipe
+        if pid == 0:  # the recipe (or the shell)
             try:
-                os.dup2(null, 0)
+                if not console:
+                    os.dup2(null, 0)
                 os.close(null)
                 # python ignores SIGPIPE and SIGXFSZ; a recipe must get the default behaviour
                 for signum in (signal.SIGPIPE, signal.SIGXFSZ):
@@ -290,23 +308,20 @@ class Agent:
                 if persona:
                     _switch_personality(persona)
                 os.chroot(self.root)
-                os.chdir(srcdir if os.path.isdir(srcdir) else "/")
+                os.chdir(cwd if os.path.isdir(cwd) else "/")
                 try:
-                    os.execve(path, [path], env)
+                    os.execve(argv[0], argv, env)
                 except OSError as exc:
                     if exc.errno != errno.ENOEXEC:
                         raise
-                    os.execve("/bin/sh", ["/bin/sh", path], env)  # a script without #!
+                    os.execve("/bin/sh", ["/bin/sh", *argv], env)  # a script without #!
             except OSError as exc:
-                sys.stderr.write(f"cannot run {path}: {exc.strerror}\n")
+                sys.stderr.write(f"cannot run {argv[0]}: {exc.strerror}\n")
                 sys.stderr.flush()
             os._exit(127)
         os.close(null)
         _, wait_status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(wait_status)
-        self.times["TIME_main_build"] = round(time.monotonic() - started)
-        say(f"{path} exited {code}" if code >= 0 else f"{path} killed by signal {-code}")
-        return 0 if code == 0 else 1
+        return os.waitstatus_to_exitcode(wait_status)
 
     def personality(self) -> int:
         """obs-build's PERSONALITY for the recipe (0: leave it); a container never switches."""

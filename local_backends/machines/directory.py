@@ -79,7 +79,14 @@ class DirectoryBackend(Backend):
             console, timeout=watchdog_timeout() if self.options.watchdog else None, on_fire=self.kill
         )
         watchdog.open()
-        exit_ = vmproc.run_machine(argv, watchdog, timeout=timeout, started=self._procs, stop=stop)
+        exit_ = vmproc.run_machine(
+            argv,
+            watchdog,
+            timeout=timeout,
+            started=self._procs,
+            stop=stop,
+            interactive=vmproc.wants_console(self.options),
+        )
         watchdog.close()
         return self.outcome(exit_, watchdog)
 

@@ -51,6 +51,11 @@ class ProcessExit:
     timed_out: bool = False
 
 
+def wants_console(options: VmOptions) -> bool:
+    """`--shell`/`--shell-after-fail`: the machine reads the terminal the build was started on."""
+    return options.shell or options.shell_after_fail
+
+
 def pump(stream: IO[bytes], console: Console) -> None:
     """Copy a process' output to the console until it closes."""
     while True:
@@ -69,14 +74,16 @@ def run_machine(
     cwd: Arg | None = None,
     started: list[subprocess.Popen[bytes]] | None = None,
     stop: Callable[[], None] | None = None,
+    interactive: bool = False,
 ) -> ProcessExit:
     """Run the machine's process to its end with stdout+stderr on `console`; kill it at `timeout`.
 
     `started` receives the process as soon as it runs, so `Backend.kill()` from another thread
     can stop it. `stop` is the machine's own way to stop (e.g. `lxc-stop -k`), tried at the
-    timeout before the process is terminated.
+    timeout before the process is terminated. `interactive` hands it our stdin (`--shell`: the
+    terminal the build was started on becomes the machine's console input).
     """
-    proc = spawn(argv, env=env, cwd=cwd)
+    proc = spawn(argv, env=env, cwd=cwd, stdin=None if interactive else subprocess.DEVNULL)
     if started is not None:
         started.append(proc)
     assert proc.stdout is not None
@@ -116,6 +123,7 @@ def boot_machine(
     stop: Callable[[], None] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Arg | None = None,
+    interactive: bool = False,
 ) -> BootResult:
     """Boot a one-process machine under the console watchdog and say how it ended.
 
@@ -126,7 +134,9 @@ def boot_machine(
     dog = Watchdog(console, timeout=watchdog_timeout() if watchdog else None, on_fire=kill)
     dog.open()
     console.write(f"booting {name}...\n".encode())
-    exit_ = run_machine(argv, dog, timeout=timeout, env=env, cwd=cwd, started=started, stop=stop)
+    exit_ = run_machine(
+        argv, dog, timeout=timeout, env=env, cwd=cwd, started=started, stop=stop, interactive=interactive
+    )
     dog.close()
     return machine_outcome(exit_, dog, name=name, killed=killed() or was_killed(workdir))
 
@@ -209,6 +219,7 @@ class ProcessMachineBackend(Backend):
             workdir=slot.workdir,
             stop=stop,
             cwd=cwd,
+            interactive=wants_console(self.options),
         )
 
     def stop_processes(self) -> None:

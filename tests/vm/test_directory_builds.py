@@ -173,3 +173,13 @@ def test_a_planted_statistics_link_never_redirects_the_agent_onto_the_host(
     assert victim.read_text() == "precious\n"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "TIME_main_build: " in (tmp_path / "out.statistics").read_text()
+
+
+def test_shell_instead_of_the_recipe_at_the_terminal(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    localbuild.drive_shell(tmp_path, cache, "none", rootfs)
+
+
+def test_shell_after_a_failed_recipe_keeps_the_build_failed(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    localbuild.drive_shell_after_fail(tmp_path, cache, "none", rootfs)

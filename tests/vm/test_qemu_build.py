@@ -194,6 +194,23 @@ def test_a_build_started_under_linux32_runs_its_recipe_as_i686(
     assert "machine type: x86_64" in log and "switching personality to 8..." in log
 
 
+def test_a_distribution_initrd_gets_the_agent_appended_and_boots(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    """--vm-initrd with the host's own Debian initrd: our archive is appended to it, our /init
+    loads the disk and ext4 drivers from it (with its modprobe) and starts the agent."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    initrds = [Path(f"/boot/initrd.img-{k.name.removeprefix('vmlinuz-')}") for k in kernels]
+    pairs = [(k, i) for k, i in zip(kernels, initrds, strict=True) if i.is_file()]
+    if not pairs:
+        pytest.fail("no /boot/initrd.img-* next to a kernel: scripts/setup --test installs initramfs-tools")
+    kernel, initrd = pairs[-1]
+    script = recipe(tmp_path / "recipe", 'echo booted > "$BUILD_RESULTS/ok"\n')
+    proc = build(tmp_path, rootfs, cache, script, "--vm-kernel", str(kernel), "--vm-initrd", str(initrd))
+    assert proc.returncode == 0, (tmp_path / "out.log").read_text(errors="replace")[-3000:]
+    assert (tmp_path / "out" / "ok").read_text() == "booted\n"
+
+
 def test_hanging_recipe_is_killed_by_the_build_timeout(tmp_path: Path, rootfs: Path, cache: Path) -> None:
     script = recipe(tmp_path / "recipe", 'echo "hanging"\nsleep 3600\n')
     started = time.monotonic()
@@ -355,3 +372,17 @@ def test_kvm_refuses_a_host_without_usable_kvm(tmp_path: Path, rootfs: Path, cac
     if Path("/sys/module/kvm_pvm").exists():
         assert "kvm_pvm" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_shell_instead_of_the_recipe_on_the_machines_console(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    localbuild.drive_shell(tmp_path, cache, "qemu", rootfs, "--vm-disk-size", "512", "--vm-swap-size", "64")
+
+
+def test_shell_after_a_failed_recipe_on_the_machines_console(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    localbuild.drive_shell_after_fail(
+        tmp_path, cache, "qemu", rootfs, "--vm-disk-size", "512", "--vm-swap-size", "64"
+    )
