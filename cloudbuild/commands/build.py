@@ -7,7 +7,7 @@ there (inside the machine, chrooted into the build root). What it puts into $BUI
 comes back into OUT. Beside OUT:
 
     OUT.log          the build log: the machine's console, as it streamed (also echoed on stdout)
-    OUT.statistics   obs-build's _statistics (MAX_mb_used_*, IO_*, TIME_*), on success
+    OUT.statistics   obs-build's _statistics (MAX_mb_used_*, IO_*, TIME_*), also of a failed build
 
 Exit codes: 0 ok (results in OUT), 1 the recipe failed (nothing in OUT), 3 infrastructure
 (timeout, watchdog, crash, no status: retry elsewhere), 4 host broken (e.g. kvm without
