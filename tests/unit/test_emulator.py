@@ -158,6 +158,7 @@ def test_without_swap_a_failed_build_extracts_nothing(emu: EmuEnv, rootfs: Path)
     outcome, _ = flow(create_backend(options), options, emu.tmp, recipe(emu.tmp / "src", "true\n"))
     assert outcome.exit_code == ExitCode.BUILD_FAILED
     assert not (emu.tmp / "out").exists()
+    assert (emu.tmp / "out.statistics").read_text() == "MAX_mb_used_memory: 9\n"  # on failure too
 
 
 def test_without_swap_no_exit_file_is_an_infrastructure_failure(emu: EmuEnv, rootfs: Path) -> None:
