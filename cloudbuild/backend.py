@@ -98,14 +98,14 @@ _REGISTRY: dict[str, type[Backend]] = {}
 
 # Where each VM type lives; imported on first use so `cloudbuild --help` does not import boto3.
 _MODULES: dict[str, str] = {
-    NO_VM: "local_backends.chroot",
-    "kvm": "local_backends.kvm",
-    "qemu": "local_backends.qemu",
-    "xen": "local_backends.xen",
-    "uml": "local_backends.uml",
-    "lxc": "local_backends.lxc",
-    "zvm": "local_backends.zvm",
-    "emulator": "local_backends.emulator",
+    NO_VM: "local_backends.machines.chroot",
+    "kvm": "local_backends.machines.kvm",
+    "qemu": "local_backends.machines.qemu",
+    "xen": "local_backends.machines.xen",
+    "uml": "local_backends.machines.uml",
+    "lxc": "local_backends.machines.lxc",
+    "zvm": "local_backends.machines.zvm",
+    "emulator": "local_backends.machines.emulator",
     "ec2": "cloudbuild.cloud.ec2",
     "openstack": "cloudbuild.cloud.openstack",
 }

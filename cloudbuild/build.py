@@ -78,6 +78,9 @@ class HostSteps(Protocol):
     def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
         """Copy the results out of the root (by the swap manifest, or from the folder) into dest."""
 
+    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        """A failed build: only its `_statistics`, beside dest (never a partial result)."""
+
 
 @dataclass
 class BuildOutcome:
@@ -169,6 +172,7 @@ class Orchestrator:
             self._running = False
         status = self._status(result, pair, limits.status)
         if status == 1:
+            self._failed_statistics(pair, swap_channel, limits.extract)
             raise BuildFailed("the build failed (BUILDSTATUS1)")
         if status not in (0, 2):
             raise InfraError(f"the build machine reported status {status}")
@@ -180,6 +184,15 @@ class Orchestrator:
                 self.steps.extract(self._attach(pair.root), None, self.job.dest, deadline)
         if status == 2:
             raise Unchanged("the build result is unchanged")
+
+    def _failed_statistics(self, pair: VolumePair, swap_channel: bool, seconds: float) -> None:
+        """A failed build still hands back its `_statistics` (obs-build does); missing it is no error."""
+        try:
+            with self.phase("statistics", seconds) as deadline:
+                swap = self._attach(pair.swap) if swap_channel and pair.swap is not None else None
+                self.steps.extract_statistics(self._attach(pair.root), swap, self.job.dest, deadline)
+        except CloudbuildError as exc:
+            log.warning("no statistics of the failed build", error=str(exc))
 
     def _attach(self, volume: Volume) -> Path:
         with bound(volume=volume.id, role=volume.role.value):

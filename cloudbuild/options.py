@@ -52,6 +52,8 @@ class VmOptions:
     hugetlbfs: str | None = None
     watchdog: bool = False
     emulator_script: str | None = None
+    shell: bool = False  # RUN_SHELL: a shell in the build machine instead of the recipe
+    shell_after_fail: bool = False  # a shell in the build machine after a failed recipe
     # cloudbuild's own options
     rootfs: str | None = None
     dest: str | None = None
@@ -240,6 +242,15 @@ SPECS: tuple[OptionSpec, ...] = (
     OptionSpec(("vm-watchdog",), "watchdog", "flag", "kill the VM when a watchdog marker stays open 300 s"),
     OptionSpec(("emulator-script",), "emulator_script", "value", "script that runs the emulator", "SCRIPT"),
     OptionSpec(
+        ("shell",), "shell", "flag", "a shell in the build machine instead of the recipe (qemu, kvm, chroot)"
+    ),
+    OptionSpec(
+        ("shell-after-fail",),
+        "shell_after_fail",
+        "flag",
+        "a shell in the build machine after a failed recipe",
+    ),
+    OptionSpec(
         ("rootfs",), "rootfs", "value", "build root to start from: directory, tarball or image", "PATH"
     ),
     OptionSpec(("dest",), "dest", "value", "where the results go (must not exist or be empty)", "DIR"),
@@ -373,7 +384,7 @@ def resolve_paths(options: VmOptions, *, cwd: Path | None = None) -> VmOptions:
     """Make the local paths absolute so later phases do not depend on the working directory."""
     base = cwd or Path.cwd()
     changes: dict[str, Any] = {}
-    # not --emulator-script: obs-build resolves a relative name in the emulator folder (local_backends/emulator.py)
+    # not --emulator-script: obs-build resolves a relative name in the emulator folder (local_backends/machines/emulator.py)
     names = ["rootfs", "dest", "root", "rpmlist", "hugetlbfs"]
     if options.vm_type not in CLOUD_VM_TYPES:
         # on a cloud these name a volume or an image, not a local file

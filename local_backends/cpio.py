@@ -8,6 +8,8 @@ of symlinks and nodes on the host filesystem.
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 
@@ -76,5 +78,36 @@ class CpioWriter:
         self._parents(name)
         self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
 
+    def entry(self, entry: Entry) -> None:
+        """Copy an entry read by `read_entries` (under its possibly changed name)."""
+        self._parents(entry.name)
+        self._entry(entry.name, entry.mode, entry.data, rdev=entry.rdev, mtime=entry.mtime)
+
     def close(self) -> None:
         self._entry("TRAILER!!!", 0)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    mode: int
+    data: bytes
+    rdev: tuple[int, int] = (0, 0)
+    mtime: int = 0
+
+
+def read_entries(archive: bytes) -> Iterator[Entry]:
+    """The entries of a newc archive up to its trailer (ours, or the first of a given initrd)."""
+    pos = 0
+    while pos + 110 <= len(archive) and archive[pos : pos + 6] in (b"070701", b"070702"):
+        fields = [int(archive[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        mode, mtime, size, rmajor, rminor, namesize = (
+            fields[1], fields[5], fields[6], fields[9], fields[10], fields[11],
+        )  # fmt: skip
+        name_end = pos + 110 + namesize
+        name = archive[pos + 110 : name_end - 1].decode("utf-8", "surrogateescape")
+        start = name_end + (-name_end % 4)
+        if name == "TRAILER!!!":
+            return
+        yield Entry(name, mode, archive[start : start + size], (rmajor, rminor), mtime)
+        pos = start + size + (-(start + size) % 4)

@@ -52,6 +52,7 @@ AGENT_MODULES = (
     "cloudbuild.guest.agent",
     "cloudbuild.guest.sysops",
     "cloudbuild.guest.stats",
+    "cloudbuild.guest.personality",  # imported only for a build under linux32 (it needs ctypes)
     "cloudbuild.disk.buildstatus",
     "cloudbuild.disk.blocklist",
     "cloudbuild.buildroot.builddata",
@@ -65,13 +66,15 @@ BUSYBOX_APPLETS = (
 
 INIT_SCRIPT = """#!/bin/sh
 # cloudbuild initramfs: load the disk drivers, name the disks by serial, start the agent as PID 1
-export PATH=/bin:/sbin:/usr/bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 while read module; do
     insmod "/lib/modules/$module" || echo "cloudbuild init: insmod $module failed"
 done < /etc/cloudbuild/modules
+# appended to a given initrd (agentroot.with_agent): its modules, by its own modprobe
+test -s /etc/cloudbuild/modprobe && modprobe -a $(cat /etc/cloudbuild/modprobe)
 # no udev here: the links obs-build's kvm guests find their disks by (serial=0 root, serial=1 swap)
 mkdir -p /dev/disk/by-id
 for disk in /sys/block/vd*; do

@@ -134,6 +134,33 @@ class DiskHostSteps:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        """A failed build: only DEST.statistics (the manifest of a failed build lists nothing else)."""
+        if swap is None:
+            self._copy_folder_statistics(root, dest)
+            return
+        from cloudbuild.disk.extract import extract_results
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stage-", dir=dest.parent))
+        try:
+            extract_results(root, swap, skip=512, dest=staging, max_size=MAX_STATISTICS)
+            extra = sorted(p.name for p in staging.iterdir() if p.name != stage.STATISTICS)
+            if extra:
+                raise UntrustedData(f"the failed build's manifest lists more than _statistics: {extra[:5]}")
+            self._keep_statistics(staging / stage.STATISTICS, dest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _keep_statistics(statistics: Path, dest: Path) -> None:
+        if (
+            statistics.is_file()
+            and not statistics.is_symlink()
+            and statistics.stat().st_size <= MAX_STATISTICS
+        ):
+            shutil.move(statistics, statistics_path(dest))
+
     def _move_results(self, staging: Path, dest: Path) -> None:
         results = staging / stage.RESULTS
         if results.is_symlink() or not results.is_dir():
@@ -141,13 +168,7 @@ class DiskHostSteps:
         extra = sorted(p.name for p in staging.iterdir() if p.name not in (stage.RESULTS, stage.STATISTICS))
         if extra:
             raise UntrustedData(f"the build machine's manifest lists unexpected entries: {extra[:5]}")
-        statistics = staging / stage.STATISTICS
-        if (
-            statistics.is_file()
-            and not statistics.is_symlink()
-            and statistics.stat().st_size <= MAX_STATISTICS
-        ):
-            shutil.move(statistics, statistics_path(dest))
+        self._keep_statistics(staging / stage.STATISTICS, dest)
         if dest.is_dir():
             dest.rmdir()  # empty: checked by check_dest
         os.rename(results, dest)
@@ -166,6 +187,13 @@ class DiskHostSteps:
             except OSError:
                 shutil.rmtree(dest, ignore_errors=True)
                 raise
+
+    @staticmethod
+    def _copy_folder_statistics(root: Path, dest: Path) -> None:
+        """A failed directory-channel build: its `_statistics` alone (read_statistics's rules)."""
+        statistics = read_statistics(root)
+        if statistics is not None:
+            statistics_path(dest).write_bytes(statistics)
 
     def _folder_limit(self) -> int:
         return self.options.disk_size * 1024 * 1024

@@ -24,6 +24,7 @@ from pathlib import Path
 from cloudbuild.buildroot.builddata import fill_defaults, write_build_data
 from cloudbuild.disk.mount import mounted
 from cloudbuild.errors import InfraError, UsageError
+from cloudbuild.guest import personality
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run
@@ -96,7 +97,7 @@ def build_variables(
         "RECIPEFILE": recipe.name,
         "BUILD_JOBS": str(options.jobs),
         "BUILD_ARCH": platform.machine(),
-        "PERSONALITY": "0",
+        "PERSONALITY": str(personality.for_build_data(options.vm_type)),
         "MYHOSTNAME": socket.gethostname(),
         "VM_TYPE": options.vm_type,
         "DO_STATISTICS": "1",
@@ -106,6 +107,10 @@ def build_variables(
         "BUILD_ID": build_id,
         "VMDISK_FILESYSTEM": options.filesystem,
     }
+    if options.shell:
+        given["RUN_SHELL"] = "1"
+    if options.shell_after_fail:
+        given["RUN_SHELL_AFTER_FAIL"] = "1"
     if guest_swap:
         given["VM_SWAP"] = guest_swap
     given.update(extra or {})

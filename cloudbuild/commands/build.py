@@ -7,7 +7,7 @@ there (inside the machine, chrooted into the build root). What it puts into $BUI
 comes back into OUT. Beside OUT:
 
     OUT.log          the build log: the machine's console, as it streamed (also echoed on stdout)
-    OUT.statistics   obs-build's _statistics (MAX_mb_used_*, IO_*, TIME_*), on success
+    OUT.statistics   obs-build's _statistics (MAX_mb_used_*, IO_*, TIME_*), also of a failed build
 
 Exit codes: 0 ok (results in OUT), 1 the recipe failed (nothing in OUT), 3 infrastructure
 (timeout, watchdog, crash, no status: retry elsewhere), 4 host broken (e.g. kvm without
@@ -38,6 +38,20 @@ from cloudbuild.errors import ExitCode, UsageError
 from cloudbuild.watchdog import BuildLog
 
 USAGE = "usage: cloudbuild build --vm-type TYPE --rootfs DIR|TARBALL|IMAGE --dest OUT [options] RECIPE"
+
+
+SHELL_VM_TYPES = ("qemu", "kvm", cboptions.NO_VM)
+
+
+def check_shell(options: cboptions.VmOptions) -> None:
+    """--shell needs a machine whose console is this terminal, and a terminal."""
+    if not (options.shell or options.shell_after_fail):
+        return
+    flag = "--shell" if options.shell else "--shell-after-fail"
+    if options.vm_type not in SHELL_VM_TYPES:
+        raise UsageError(f"{flag}: --vm-type {options.vm_type} has no console here (use qemu, kvm or none)")
+    if not sys.stdin.isatty():
+        raise UsageError(f"{flag}: stdin is no terminal (run the build in one, e.g. under tmux or script)")
 
 
 def check_recipe(options: cboptions.VmOptions) -> Path:
@@ -94,6 +108,7 @@ def _workdir(options: cboptions.VmOptions, build_id: str, recipe: Path) -> Itera
 def run(options: cboptions.VmOptions, *, echo: bool = True) -> BuildOutcome:
     """Run one build with parsed options (the CLI without argv parsing and exit codes)."""
     recipe = check_recipe(options)
+    check_shell(options)
     if not options.dest:
         raise UsageError(f"--dest OUT is required\n{USAGE}")
     if not options.rootfs:

@@ -37,7 +37,7 @@ log = cblog.get_logger(__name__)
 
 USAGE = "usage: cloudbuild kill --vm-type TYPE --build-id ID [--root DIR] [the build's vm options]"
 KILLED_STATUS = 1
-KILL_MARKER = ".cloudbuild-killed"  # read by the local backends (local_backends/vmproc.py)
+KILL_MARKER = ".cloudbuild-killed"  # read by the local backends (local_backends/machines/vmproc.py)
 
 
 def work_folders(options: cboptions.VmOptions, build_id: str) -> list[Path]:

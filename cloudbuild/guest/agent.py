@@ -216,6 +216,8 @@ class Agent:
             self.cleanup_build()
             if status in (0, 2):
                 self.wrapup()
+            else:
+                self.wrapup_failed()
         except AgentError as exc:
             say(f"cloudbuild agent: {exc}")
             status = 3
@@ -273,35 +275,63 @@ class Agent:
             "BUILD_ARCH": _value(self.data, "BUILD_ARCH"),
             "BUILD_ID": _value(self.data, "BUILD_ID"),
         }
-        say(f"running {path} ...")
+        persona = self.personality()
         started = time.monotonic()
+        if _value(self.data, "RUN_SHELL") == "1":  # obs-build's --shell: a shell instead of the recipe
+            say("RUN_SHELL: a shell in the build root instead of the recipe; its exit code is the build's")
+            code = self.run_chrooted(["/bin/sh", "-i"], env, persona, srcdir, console=True)
+            say(f"the shell exited {code}")
+        else:
+            say(f"running {path} ...")
+            code = self.run_chrooted([path], env, persona, srcdir, console=False)
+            say(f"{path} exited {code}" if code >= 0 else f"{path} killed by signal {-code}")
+            if code != 0 and _value(self.data, "RUN_SHELL_AFTER_FAIL") == "1":
+                say("RUN_SHELL_AFTER_FAIL: a shell in the build root; the build stays failed")
+                self.run_chrooted(["/bin/sh", "-i"], env, persona, srcdir, console=True)
+        self.times["TIME_main_build"] = round(time.monotonic() - started)
+        return 0 if code == 0 else 1
+
+    def run_chrooted(
+        self, argv: list[str], env: dict[str, str], persona: int, cwd: str, *, console: bool
+    ) -> int:
+        """Run `argv` chrooted into the build root; stdin is /dev/null unless on the `console`."""
         null = os.open("/dev/null", os.O_RDONLY)  # before the chroot: the root may have no /dev yet
         pid = os.fork()
-        if pid == 0:  # the recipe
+        if pid == 0:  # the recipe (or the shell)
             try:
-                os.dup2(null, 0)
+                if not console:
+                    os.dup2(null, 0)
                 os.close(null)
                 # python ignores SIGPIPE and SIGXFSZ; a recipe must get the default behaviour
                 for signum in (signal.SIGPIPE, signal.SIGXFSZ):
                     signal.signal(signum, signal.SIG_DFL)
+                if persona:
+                    _switch_personality(persona)
                 os.chroot(self.root)
-                os.chdir(srcdir if os.path.isdir(srcdir) else "/")
+                os.chdir(cwd if os.path.isdir(cwd) else "/")
                 try:
-                    os.execve(path, [path], env)
+                    os.execve(argv[0], argv, env)
                 except OSError as exc:
                     if exc.errno != errno.ENOEXEC:
                         raise
-                    os.execve("/bin/sh", ["/bin/sh", path], env)  # a script without #!
+                    os.execve("/bin/sh", ["/bin/sh", *argv], env)  # a script without #!
             except OSError as exc:
-                sys.stderr.write(f"cannot run {path}: {exc.strerror}\n")
+                sys.stderr.write(f"cannot run {argv[0]}: {exc.strerror}\n")
                 sys.stderr.flush()
             os._exit(127)
         os.close(null)
         _, wait_status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(wait_status)
-        self.times["TIME_main_build"] = round(time.monotonic() - started)
-        say(f"{path} exited {code}" if code >= 0 else f"{path} killed by signal {-code}")
-        return 0 if code == 0 else 1
+        return os.waitstatus_to_exitcode(wait_status)
+
+    def personality(self) -> int:
+        """obs-build's PERSONALITY for the recipe (0: leave it); a container never switches."""
+        text = _value(self.data, "PERSONALITY", "0") or "0"
+        if not text.isdigit() or int(text) > 0xFFFFFFFE:
+            raise AgentError(f"build.data: PERSONALITY {text[:20]!r} is not a personality number")
+        if int(text) and _value(self.data, "VM_TYPE") != "lxc":
+            say(f"switching personality to {text}...")
+            return int(text)
+        return 0
 
     def cleanup_build(self) -> None:
         """No process of the build may outlive it: it could change results or scribble on swap."""
@@ -312,14 +342,18 @@ class Agent:
         self.api_mounts = []
         say("... build processes stopped")
 
-    def wrapup(self) -> None:
-        """vm_wrapup_build: _statistics, swapoff, the manifest of the results on swap."""
-        results = _value(self.data, "BUILD_RESULTS", DEFAULT_RESULTS)
-        if not results.startswith("/") or ".." in results.split("/"):
-            raise AgentError(f"BUILD_RESULTS {results!r} is not an absolute path")
-        topdir = os.path.normpath(os.path.realpath(self.root) + os.path.dirname(results))
+    def wrapup(self, *, results: bool = True) -> None:
+        """vm_wrapup_build: _statistics, swapoff, the manifest of the results on swap.
+
+        Whatever the recipe's outcome (obs-build writes `_statistics` on failure too); a failed
+        build's manifest lists only `_statistics`, so no partial result is ever handed back.
+        """
+        build_results = _value(self.data, "BUILD_RESULTS", DEFAULT_RESULTS)
+        if not build_results.startswith("/") or ".." in build_results.split("/"):
+            raise AgentError(f"BUILD_RESULTS {build_results!r} is not an absolute path")
+        topdir = os.path.normpath(os.path.realpath(self.root) + os.path.dirname(build_results))
         if os.path.realpath(topdir) != topdir or not os.path.isdir(topdir):  # the build made it a link
-            raise AgentError(f"{os.path.dirname(results)} is not a folder of the build root")
+            raise AgentError(f"{os.path.dirname(build_results)} is not a folder of the build root")
         self.save_statistics(os.path.join(topdir, STATISTICS_NAME))
         say("... statistics saved")
         if not self.swap:
@@ -330,8 +364,16 @@ class Agent:
             sysops.swapoff(self.swap)
             self.swap_on = False
         os.sync()  # blocks of delayed allocations must exist before their numbers are listed
-        paths = result_paths(topdir, [os.path.basename(results), STATISTICS_NAME])
+        names = [os.path.basename(build_results), STATISTICS_NAME] if results else [STATISTICS_NAME]
+        paths = result_paths(topdir, names)
         write_manifest(topdir, paths, self.swap)
+
+    def wrapup_failed(self) -> None:
+        """The recipe failed: hand back `_statistics` alone; failing at that keeps the status 1."""
+        try:
+            self.wrapup(results=False)
+        except (AgentError, OSError) as exc:
+            say(f"cloudbuild agent: no statistics of the failed build: {exc}")
 
     def save_statistics(self, path: str) -> None:
         values: dict[str, int | str] = {}
@@ -404,7 +446,9 @@ def write_exit_file(root: str, status: int) -> None:
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink("_exitcode", dir_fd=build_dir)
-        fd = os.open("_exitcode", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=build_dir)
+        fd = os.open(
+            "_exitcode", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=build_dir
+        )
         try:
             os.write(fd, f"{status}\n".encode())
         finally:
@@ -413,6 +457,16 @@ def write_exit_file(root: str, status: int) -> None:
         say(f"cloudbuild agent: cannot write /.build/_exitcode: {exc}")
     finally:
         os.close(build_dir)
+
+
+def _switch_personality(persona: int) -> None:
+    """In the recipe's process: as obs-build, a refusal is a warning (the build runs as it is)."""
+    from cloudbuild.guest import personality
+
+    try:
+        personality.switch(persona)
+    except OSError as exc:
+        sys.stderr.write(f"personality: {exc.strerror}\n")
 
 
 def _remove_planted(path: str) -> None:

@@ -167,6 +167,9 @@ class Steps:
     def read_status(self, device: Path) -> int | None:
         return buildstatus.read(device)
 
+    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        pass  # the emulated guest writes no statistics
+
     def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
         dest.mkdir(parents=True, exist_ok=True)
         with open(root, "rb") as f:
@@ -222,8 +225,8 @@ def nova_argv(argv: list[str], root_id: str, swap_id: str) -> list[str]:
 def qemu_guest(*, timeout: float, memory_mib: int = 512) -> Guest:
     """The builder server played by the local qemu backend (TCG) with the real guest agent."""
     from local_backends.localvolume import LocalVolume
-    from local_backends.qemu import QemuBackend
-    from local_backends.vmproc import run_machine
+    from local_backends.machines.qemu import QemuBackend
+    from local_backends.machines.vmproc import run_machine
 
     def run(server_id: str, disks: list[Path], emu: Emulation) -> str:
         root, swap = disks

@@ -74,8 +74,8 @@ class InstanceConsole:
 
 def qemu_builder(timeout: float) -> object:
     from local_backends.localvolume import LocalVolume
-    from local_backends.qemu import QemuBackend
-    from local_backends.vmproc import run_machine
+    from local_backends.machines.qemu import QemuBackend
+    from local_backends.machines.vmproc import run_machine
 
     def play(run: BuilderRun) -> None:
         qemu = QemuBackend(VmOptions(vm_type="qemu", vm_memory=512))

@@ -1,7 +1,9 @@
 """A fake `--emulator-script`: records how it was called and plays the guest on the images.
 
 State (JSON at $FAKE_EMU_STATE): `guest` (a guestplay spec; `"hang": true` keeps the "machine"
-running with the root image open until it is killed, `"exit": N` fails the emulator), `calls`
+running with the root image open until it is killed, `"exit": N` fails the emulator, `"boot":
+true` boots the image's own /sbin/init as an emulator's kernel would: mounted as the root of
+fresh mount, pid, uts, ipc and network namespaces, the init as their PID 1), `calls`
 ([{argv, cwd}]), `guest_seen`.
 """
 
@@ -47,6 +49,8 @@ def main(argv: list[str]) -> int:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         while True:
             signal.pause()
+    if spec.get("boot"):
+        return boot(root)
     from tests.fakes import guestplay
 
     seen = guestplay.play(root, swap, spec)
@@ -55,6 +59,27 @@ def main(argv: list[str]) -> int:
     save(path, state)
     sys.stdout.write(spec.get("console", "emulated build finished\n"))
     return 0
+
+
+def boot(root: Path) -> int:
+    """Run the image's /sbin/init as PID 1 with the image as `/`; its power-off ends the namespaces."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fake-emulator-") as mnt:
+        boot_script = f'mount -o loop "{root}" "{mnt}" && exec chroot "{mnt}" /sbin/init'
+        argv = ["unshare", "--mount", "--uts", "--ipc", "--net", "--pid", "--fork", "--kill-child"]
+        machine = subprocess.Popen([*argv, "sh", "-c", boot_script])
+
+        def stop(*_: object) -> None:  # as a real emulator dies on SIGTERM: unshare would forward
+            machine.kill()  # it to the init, which ignores it; SIGKILL ends the namespaces
+            machine.wait()
+            sys.exit(143)
+
+        signal.signal(signal.SIGTERM, stop)
+        code = machine.wait()
+    # an init that powers off a pid namespace is ended by SIGINT (reboot(2)): the machine stopped
+    return 0 if code in (0, -2, 130) else code
 
 
 def install(script: Path, state_path: Path, repo: Path) -> None:

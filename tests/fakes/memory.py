@@ -274,6 +274,9 @@ class MemorySteps:
         self.faults.check("read_status")
         return self.status
 
+    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        self.ledger.record("extract_statistics")
+
     def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
         self.ledger.record("extract")
         self._volume(root, Role.ROOT)

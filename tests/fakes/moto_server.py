@@ -365,6 +365,9 @@ class FakeHostSteps:
         self.calls.append("read_status")
         return buildstatus.read(device)
 
+    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
+        self.calls.append("extract_statistics")
+
     def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
         self.calls.append("extract")
         dest.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,23 @@ def test_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert build.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: cloudbuild build") and "--vm-memory" in out and "--build-timeout" in out
+
+
+def test_shell_needs_a_console_and_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = str(recipe(tmp_path))
+    with pytest.raises(UsageError, match="--shell: --vm-type lxc has no console here"):
+        build.run(parse(["--vm-type", "lxc", *options(tmp_path)[2:], "--shell", script]))
+    monkeypatch.setattr("sys.stdin", open(os.devnull))  # noqa: SIM115 - closed with the test
+    with pytest.raises(UsageError, match="--shell-after-fail: stdin is no terminal"):
+        build.run(parse([*options(tmp_path), "--shell-after-fail", script]))
+
+
+def test_shell_options_reach_build_data() -> None:
+    from cloudbuild.buildroot import stage
+
+    def variables(*flags: str) -> dict[str, str | list[str]]:
+        return stage.build_variables(parse(list(flags)), Path("/r/b.sh"), build_id="t", guest_swap=None)
+
+    assert variables()["RUN_SHELL"] == "" and "RUN_SHELL_AFTER_FAIL" not in variables()
+    assert variables("--shell")["RUN_SHELL"] == "1"
+    assert variables("--shell-after-fail")["RUN_SHELL_AFTER_FAIL"] == "1"

@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from cloudbuild.backend import BuildSlot, create_backend
+from cloudbuild.build import PhaseLimits
 from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, UsageError
 from cloudbuild.options import parse
-from local_backends.emulator import EmulatorBackend, script_path
+from local_backends.machines.emulator import EmulatorBackend, script_path
 from tests.fakes import emulator as fake_emulator
 from tests.fakes import guestplay
 from tests.vm import localbuild
@@ -157,6 +158,7 @@ def test_without_swap_a_failed_build_extracts_nothing(emu: EmuEnv, rootfs: Path)
     outcome, _ = flow(create_backend(options), options, emu.tmp, recipe(emu.tmp / "src", "true\n"))
     assert outcome.exit_code == ExitCode.BUILD_FAILED
     assert not (emu.tmp / "out").exists()
+    assert (emu.tmp / "out.statistics").read_text() == "MAX_mb_used_memory: 9\n"  # on failure too
 
 
 def test_without_swap_no_exit_file_is_an_infrastructure_failure(emu: EmuEnv, rootfs: Path) -> None:
@@ -215,3 +217,17 @@ def test_cloudbuild_build_command_runs_the_emulator(emu: EmuEnv, rootfs: Path) -
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(emu.tmp / "out") == EXPECTED
+
+
+def test_the_emulator_boots_the_roots_init_which_is_the_agent(emu: EmuEnv, rootfs: Path) -> None:
+    """obs-build's emulator fixup (/sbin/init -> its 2nd stage) with our agent as that init: the
+    fake emulator boots the image's own /sbin/init, the agent runs the recipe and powers off."""
+    emu.guest({"boot": True})
+    script = recipe(emu.tmp / "src", 'echo emulated > "$BUILD_RESULTS/out.txt"\nuname -n\n')
+    options = emu.options(rootfs, "--vm-disk-size", "128")
+    # a root whose init is not the agent (busybox's) would run forever: the limit ends it as exit 3
+    limits = PhaseLimits(boot=120)
+    outcome, console = flow(create_backend(options), options, emu.tmp, script, limits=limits)
+    assert outcome.exit_code == ExitCode.OK, outcome.message + console.data.decode(errors="replace")[-3000:]
+    assert tree(emu.tmp / "out") == {"out.txt": hashlib.sha256(b"emulated\n").hexdigest()}
+    assert "TIME_main_build: " in (emu.tmp / "out.statistics").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -90,6 +91,23 @@ def stage_recipe(root: Path, tmp_path: Path, body: str) -> None:
     stage.stage_build_root(root, src / "build.sh", variables)
 
 
+def folder_root(tmp_path: Path, body: str, *, vm_type: str = "qemu", **extra: str) -> tuple[Path, Path]:
+    """A busybox build root in a plain folder, staged with `body` as the recipe; and a swap file."""
+    root = tmp_path / "root"
+    busybox_rootfs(root)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "build.sh").write_text("#!/bin/sh\n" + body)
+    (src / "build.sh").chmod(0o755)
+    variables = stage.build_variables(
+        VmOptions(vm_type=vm_type), src / "build.sh", build_id="t", guest_swap=None, extra=extra
+    )
+    stage.stage_build_root(root, src / "build.sh", variables)
+    swap = tmp_path / "swap.img"
+    swap.write_bytes(b"\0" * 65536)
+    return root, swap
+
+
 def run_agent(root: Path, swap: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
@@ -119,8 +137,12 @@ def test_agent_runs_the_recipe_and_hands_back_results_through_the_swap(
         'mkdir -p "$BUILD_RESULTS/d"\n'
         'cp /bin/busybox "$BUILD_RESULTS/d/blob"\n'  # no /dev here: the container mode mounts nothing
         'ln -s d/blob "$BUILD_RESULTS/link"\n'
-        "sleep 300 &\n",  # a leftover process: the agent must kill it
+        # a leftover process that really runs (the shell opens /dev/null for it): the agent must kill it
+        "sleep 300 >/dev/null 2>&1 &\n"
+        "echo $! > /tmp/leftover.pid\n"
+        "kill -0 $!\n",
     )
+    os.mknod(root / "dev/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))  # no devtmpfs in container mode
     swap = tmp_path / "swap.img"
     swap.write_bytes(b"\0" * (1 << 20))
     proc = run_agent(root, swap)
@@ -129,6 +151,8 @@ def test_agent_runs_the_recipe_and_hands_back_results_through_the_swap(
     assert buildstatus.read(swap) == 0
     blob = (root / ".build.out/results/d/blob").read_bytes()
     assert "TIME_main_build: " in (root / ".build.out/_statistics").read_text()
+    leftover = int((root / "tmp/leftover.pid").read_text())
+    assert not _alive(leftover), f"the build's leftover process {leftover} outlived the agent"
     assert not [p for p in os.listdir("/proc") if p.isdigit() and _root_of(p) == str(root)]
     subprocess.run(["umount", root], check=True)
     dest = tmp_path / "dest"
@@ -140,6 +164,15 @@ def test_agent_runs_the_recipe_and_hands_back_results_through_the_swap(
     subprocess.run(["mount", "-o", "loop", image, root], check=True)  # the fixture unmounts
 
 
+def _alive(pid: int) -> bool:
+    """Running (a killed process may linger as a zombie until the host's init reaps it)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 def _root_of(pid: str) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/root")
@@ -147,10 +180,10 @@ def _root_of(pid: str) -> str | None:
         return None
 
 
-def test_agent_reports_a_failed_recipe_without_a_manifest(
+def test_a_failed_recipe_hands_back_its_statistics_and_nothing_else(
     mounted_root: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    _, root = mounted_root
+    image, root = mounted_root
     stage_recipe(root, tmp_path, 'echo x > "$BUILD_RESULTS/x"\nexit 3\n')
     swap = tmp_path / "swap.img"
     swap.write_bytes(b"\0" * 65536)
@@ -158,7 +191,15 @@ def test_agent_reports_a_failed_recipe_without_a_manifest(
     assert proc.returncode == 1
     assert "exited 3" in proc.stdout
     assert buildstatus.read(swap) == 1
-    assert swap.read_bytes()[12:] == b"\0" * (65536 - 12)
+    subprocess.run(["umount", root], check=True)
+    try:
+        dest = tmp_path / "dest"
+        dest.mkdir()
+        extract_results(image, swap, skip=512, dest=dest)
+        assert sorted(os.listdir(dest)) == ["_statistics"]  # the results of a failed build stay behind
+        assert "TIME_main_build: " in (dest / "_statistics").read_text()
+    finally:
+        subprocess.run(["mount", "-o", "loop", image, root], check=True)  # the fixture unmounts
 
 
 def test_agent_without_build_data_reports_an_infrastructure_failure(tmp_path: Path) -> None:
@@ -189,3 +230,55 @@ def test_exit_file_is_written_for_swapless_machines_without_following_planted_li
     (other / ".build").symlink_to(other / "outside")
     agent.write_exit_file(str(other), 0)
     assert list((other / "outside").iterdir()) == []
+
+
+def test_build_results_climbing_out_of_the_root_is_refused(tmp_path: Path) -> None:
+    """BUILD_RESULTS with `..` in build.data would put _statistics (and the manifest's top) outside
+    the build root; in container mode that is a host folder."""
+    outside = tmp_path / "outside" / "results"
+    outside.mkdir(parents=True)
+    climbing = "/.." * len((tmp_path / "root").parts) + str(outside)
+    root, swap = folder_root(tmp_path, "true\n", BUILD_RESULTS=climbing)
+    proc = run_agent(root, swap)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"BUILD_RESULTS {climbing!r} is not an absolute path" in proc.stdout
+    assert buildstatus.read(swap) == 3
+    assert list(outside.parent.iterdir()) == [outside]  # no _statistics next to it
+    assert swap.read_bytes()[12:] == b"\0" * (65536 - 12)  # and no manifest of host files
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "persona", "machine"),
+    [("qemu", "8", "i686"), ("qemu", "0", "x86_64"), ("lxc", "8", "x86_64")],  # lxc never switches
+)
+def test_the_recipe_runs_under_the_personality_of_build_data(
+    tmp_path: Path, vm_type: str, persona: str, machine: str
+) -> None:
+    if os.uname().machine != "x86_64":
+        pytest.fail("this test knows the names of x86_64's personalities only")
+    root, swap = folder_root(
+        tmp_path, 'uname -m > "$BUILD_RESULTS/machine"\n', vm_type=vm_type, PERSONALITY=persona
+    )
+    proc = run_agent(root, swap)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (root / ".build.out/results/machine").read_text() == machine + "\n"
+    assert ("switching personality to 8..." in proc.stdout) is (machine == "i686")
+
+
+def test_a_personality_that_is_no_number_is_an_infrastructure_failure(tmp_path: Path) -> None:
+    root, swap = folder_root(tmp_path, "true\n", PERSONALITY="8; reboot")
+    proc = run_agent(root, swap)
+    assert proc.returncode == 3
+    assert "build.data: PERSONALITY '8; reboot' is not a personality number" in proc.stdout
+
+
+@pytest.mark.parametrize(("vm_type", "expected"), [("qemu", "8"), ("none", "8"), ("lxc", "0")])
+def test_build_data_records_the_personality_the_host_runs_under(vm_type: str, expected: str) -> None:
+    """`linux32 cloudbuild build` (as OBS workers start i586 builds) writes PERSONALITY='8'."""
+    code = (
+        "from pathlib import Path; from cloudbuild.buildroot import stage; from cloudbuild.options import VmOptions;"
+        f"print(stage.build_variables(VmOptions(vm_type={vm_type!r}), Path('/r/b.sh'), build_id='t',"
+        " guest_swap=None)['PERSONALITY'])"
+    )
+    proc = subprocess.run(["linux32", sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout == expected + "\n"

@@ -13,7 +13,7 @@ import pytest
 from cloudbuild.errors import HostBroken
 from local_backends import initramfs, kernel, kmod
 from local_backends.cpio import CpioWriter
-from local_backends.kvm import kvm_problem
+from local_backends.machines.kvm import kvm_problem
 
 
 def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
@@ -211,7 +211,7 @@ def test_build_root_kernel_boots_with_modules_copied_out_of_the_build_root(
 ) -> None:  # type: ignore[no-untyped-def]
     from cloudbuild.backend import BuildSlot
     from cloudbuild.options import VmOptions
-    from local_backends.qemu import QemuBackend
+    from local_backends.machines.qemu import QemuBackend
 
     monkeypatch.setenv("CLOUDBUILD_CACHE_DIR", str(tmp_path / "cache"))
     buildroot = tmp_path / "buildroot"

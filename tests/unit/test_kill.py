@@ -12,8 +12,8 @@ from cloudbuild.disk import buildstatus
 from cloudbuild.errors import UsageError
 from cloudbuild.options import parse
 from cloudbuild.volume import Role, VolumePair
-from local_backends import vmproc
 from local_backends.localvolume import LocalVolume
+from local_backends.machines import vmproc
 
 
 class RecordingBackend(Backend):
@@ -97,3 +97,27 @@ def test_kill_through_the_cli_marks_a_uml_swap(tmp_path: Path, monkeypatch: pyte
     assert kill.main(["--vm-type", "uml", "--build-id", "b7", "--log-format", "json"]) == 0
     assert buildstatus.read(work / "swap.img") == 1
     assert kill.main(["--vm-type", "uml", "--build-id", "b7", "--log-format", "json"]) == 0  # idempotent
+
+
+@pytest.mark.parametrize("vm_type", ["none", "lxc"])
+def test_directory_backends_order_the_verdicts_as_the_machines_do(tmp_path: Path, vm_type: str) -> None:
+    """A build that hit its timeout and was also killed is TIMEOUT for chroot and lxc as for qemu
+    (vmproc.machine_outcome decides for all); a kill alone reports the build failed (status 1)."""
+    from cloudbuild.backend import ExitReason, create_backend
+    from cloudbuild.watchdog import Watchdog
+    from local_backends.machines.directory import DirectoryBackend
+
+    backend = create_backend(parse(["--vm-type", vm_type]))
+    assert isinstance(backend, DirectoryBackend)
+    backend.volumes(BuildSlot("b", 0, tmp_path))
+    dog = Watchdog(lambda data: None, timeout=None, on_fire=lambda: None)  # type: ignore[arg-type]
+    vmproc.mark_killed(tmp_path)
+    outcome = backend.outcome
+    assert outcome(vmproc.ProcessExit(None, timed_out=True), dog).reason is ExitReason.TIMEOUT
+    killed = outcome(vmproc.ProcessExit(137), dog)
+    assert (killed.reason, killed.status) == (ExitReason.KILLED, 1)
+    dog.fired = True
+    assert outcome(vmproc.ProcessExit(None, timed_out=True), dog).reason is ExitReason.WATCHDOG
+    vmproc.clear_killed(tmp_path)
+    dog.fired = False
+    assert outcome(vmproc.ProcessExit(0), dog).status == 255  # no status recorded: exit 3

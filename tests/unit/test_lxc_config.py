@@ -10,7 +10,7 @@ import pytest
 
 def test_container_config_keeps_the_build_away_from_the_host(tmp_path: Path) -> None:
     from cloudbuild.errors import UsageError
-    from local_backends.lxc import container_config
+    from local_backends.machines.lxc import container_config
 
     text = container_config(
         name="cloudbuild-b1",

@@ -10,8 +10,8 @@ from cloudbuild.backend import BootResult, BuildSlot, ExitReason
 from cloudbuild.errors import UsageError
 from cloudbuild.options import parse
 from cloudbuild.watchdog import Watchdog
-from local_backends.qemu import QemuBackend, QemuMachine, check_hugetlbfs
-from local_backends.vmproc import ProcessExit, machine_outcome
+from local_backends.machines.qemu import QemuBackend, QemuMachine, check_hugetlbfs
+from local_backends.machines.vmproc import ProcessExit, machine_outcome
 
 
 def machine(**changes: object) -> QemuMachine:

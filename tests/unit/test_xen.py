@@ -14,7 +14,7 @@ import pytest
 from cloudbuild.backend import BuildSlot, create_backend
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import parse
-from local_backends.xen import XenBackend, config_text, disk_spec
+from local_backends.machines.xen import XenBackend, config_text, disk_spec
 from tests.fakes import xl as fake_xl
 from tests.vm import localbuild
 from tests.vm.localbuild import REPO, flow, loop_devices_on, recipe, tree

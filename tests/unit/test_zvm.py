@@ -16,8 +16,8 @@ from cloudbuild.disk import buildstatus
 from cloudbuild.errors import ExitCode, InfraError, UsageError
 from cloudbuild.options import parse
 from cloudbuild.volume import Role, VolumeState
-from local_backends import zvm
-from local_backends.zvm import ZvmBackend, ZvmMinidisk, bus_id, local_devnr
+from local_backends.machines import zvm
+from local_backends.machines.zvm import ZvmBackend, ZvmMinidisk, bus_id, local_devnr
 from tests.fakes import dasd, guestplay, vmcp
 from tests.vm import localbuild
 from tests.vm.localbuild import flow, recipe, sha, tree
@@ -227,6 +227,51 @@ def test_fixup_writes_the_boot_record_with_the_agent_as_init(zvm_env: ZvmEnv) ->
     assert f"init={zvm.GUEST_INIT}" in params and "vmpoff=LOGOFF" in params
     assert (buildroot / "boot" / "cloudbuild.initrd").read_bytes() == b"initrd"
     assert (buildroot / "boot" / "zipl" / "bootmap").exists()
+
+
+@pytest.mark.parametrize("compress", ["gzip", "zstd"])
+def test_fixup_merges_the_build_roots_modules_into_the_workers_initrd(zvm_env: ZvmEnv, compress: str) -> None:
+    """The worker's initrd (a merged-/usr one here: lib -> usr/lib) gets the build root's
+    /lib/modules/<release> trees; what it had stays. Checked by unpacking with the real cpio."""
+    import gzip
+    import io
+
+    from local_backends.cpio import CpioWriter
+
+    raw = io.BytesIO()
+    cpio = CpioWriter(raw)
+    cpio.file("init", b"#!/bin/sh\necho worker init\n", 0o755)
+    cpio.symlink("lib", "usr/lib")
+    cpio.file("usr/lib/modules/5.14-worker/kernel/worker.ko", b"worker module")
+    cpio.close()
+    given = zvm_env.tmp / "initrd"
+    if compress == "gzip":
+        given.write_bytes(gzip.compress(raw.getvalue()))
+    else:
+        given.write_bytes(
+            subprocess.run(["zstd", "-c"], input=raw.getvalue(), capture_output=True, check=True).stdout
+        )
+    buildroot = zvm_env.tmp / "buildroot"
+    modules = buildroot / "lib" / "modules" / "6.4.0-root"
+    (modules / "kernel" / "drivers").mkdir(parents=True)
+    (modules / "kernel" / "drivers" / "dasd_fba_mod.ko").write_bytes(b"\x7fELF root module")
+    (modules / "modules.dep").write_text("kernel/drivers/dasd_fba_mod.ko:\n")
+    zvm_env.backend().fixup(buildroot)
+    merged = (buildroot / "boot" / "cloudbuild.initrd").read_bytes()
+    assert merged[:2] == b"\x1f\x8b"
+    out = zvm_env.tmp / "unpacked"
+    out.mkdir()
+    subprocess.run(["cpio", "-i", "-d", "-m", "--quiet"], input=gzip.decompress(merged), cwd=out, check=True)
+    assert (out / "init").read_bytes() == b"#!/bin/sh\necho worker init\n" and (
+        out / "init"
+    ).stat().st_mode & 0o111
+    assert (out / "lib").is_symlink()
+    assert (out / "usr/lib/modules/5.14-worker/kernel/worker.ko").read_bytes() == b"worker module"
+    root_modules = out / "usr/lib/modules/6.4.0-root"
+    assert (root_modules / "kernel/drivers/dasd_fba_mod.ko").read_bytes() == b"\x7fELF root module"
+    assert (root_modules / "modules.dep").read_text() == "kernel/drivers/dasd_fba_mod.ko:\n"
+    (call,) = zvm_env.calls("zipl")
+    assert call[call.index("-r") + 1] == str(buildroot / "boot" / "cloudbuild.initrd")
 
 
 def test_whole_build_through_the_fakes_with_real_staging_and_extraction(

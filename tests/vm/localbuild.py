@@ -199,3 +199,121 @@ def wait_for_file(pattern: str, timeout: float = 60) -> Path:
         return Path(found[0]) if found else None
 
     return wait_for(probe, what=pattern, timeout=timeout, interval=0.1)
+
+
+class Terminal:
+    """A terminal driven like a person at it (tmux on a private socket): type, read the screen."""
+
+    def __init__(self, folder: Path):
+        self.socket = folder / "tmux.sock"
+        self.exit_file = folder / "terminal.exit"
+        self.session = "build"
+
+    def _tmux(self, *args: str) -> str:
+        return subprocess.run(
+            ["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+
+    def start(self, argv: list[str], env: dict[str, str]) -> None:
+        import shlex
+
+        command = f"{shlex.join(argv)}; echo $? > {shlex.quote(str(self.exit_file))}; sleep 600"
+        subprocess.run(
+            [
+                "tmux",
+                "-S",
+                str(self.socket),
+                "new-session",
+                "-d",
+                "-s",
+                self.session,
+                "-x",
+                "160",
+                "-y",
+                "50",
+                command,
+            ],
+            env={**env, "TERM": "xterm"},
+            check=True,
+            timeout=30,
+        )
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-J", "-S", "-1000", "-t", self.session)
+
+    def wait_for(self, text: str, timeout: float = 180) -> str:
+        from cloudbuild.retry import wait_for
+
+        def shown() -> str | None:
+            screen = self.screen()
+            return screen if text in screen else None
+
+        return wait_for(
+            shown,
+            what=f"{text!r} on the terminal",
+            timeout=timeout,
+            interval=0.2,
+        )
+
+    def type(self, line: str) -> None:
+        self._tmux("send-keys", "-t", self.session, "-l", line)
+        self._tmux("send-keys", "-t", self.session, "Enter")
+
+    def exit_code(self, timeout: float = 180) -> int:
+        from cloudbuild.retry import wait_for
+
+        text = wait_for(
+            lambda: self.exit_file.read_text() if self.exit_file.exists() else None,
+            what="the build to end",
+            timeout=timeout,
+            interval=0.2,
+        )
+        return int(text)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-S", str(self.socket), "kill-server"], capture_output=True, timeout=30)
+
+
+def build_argv(tmp_path: Path, vm_type: str, rootfs: Path, script: Path, *extra: str) -> list[str]:
+    return [
+        *CLI, "build", "--vm-type", vm_type, "--rootfs", str(rootfs), "--dest", str(tmp_path / "out"),
+        "--log-format", "json", *extra, str(script),
+    ]  # fmt: skip
+
+
+def drive_shell(tmp_path: Path, cache: Path, vm_type: str, rootfs: Path, *extra: str) -> None:
+    """`--shell` at a terminal: the recipe does not run; what is typed does, the exit code is the shell's."""
+    script = recipe(tmp_path / "src", 'echo recipe-ran > "$BUILD_RESULTS/recipe"\n')
+    env = {**os.environ, "CLOUDBUILD_CACHE_DIR": str(cache), "TMPDIR": str(tmp_path)}
+    terminal = Terminal(tmp_path)
+    try:
+        terminal.start(build_argv(tmp_path, vm_type, rootfs, script, "--shell", *extra), env)
+        terminal.wait_for("RUN_SHELL: a shell in the build root")
+        terminal.type('echo "typed-$((6*7))" > "$BUILD_RESULTS/typed"; echo "screen-$((40+2))"')
+        terminal.wait_for("screen-42")  # the shell's output, not the echo of what was typed
+        terminal.type("exit 0")
+        code = terminal.exit_code()
+    finally:
+        terminal.close()
+    assert code == 0, (tmp_path / "out.log").read_text(errors="replace")[-3000:]
+    assert tree(tmp_path / "out") == {"typed": sha(b"typed-42\n")}  # the recipe never ran
+
+
+def drive_shell_after_fail(tmp_path: Path, cache: Path, vm_type: str, rootfs: Path, *extra: str) -> None:
+    """`--shell-after-fail`: the failed recipe leaves a shell; after it the build is still failed (1)."""
+    script = recipe(tmp_path / "src", 'echo partial > "$BUILD_RESULTS/partial"\nexit 3\n')
+    env = {**os.environ, "CLOUDBUILD_CACHE_DIR": str(cache), "TMPDIR": str(tmp_path)}
+    terminal = Terminal(tmp_path)
+    try:
+        terminal.start(build_argv(tmp_path, vm_type, rootfs, script, "--shell-after-fail", *extra), env)
+        terminal.wait_for("RUN_SHELL_AFTER_FAIL: a shell in the build root")
+        terminal.type('cat "$BUILD_RESULTS/partial"; echo "after-$((6*7))"')
+        screen = terminal.wait_for("after-42")
+        assert "partial" in screen.split("after-$((6*7))", 1)[1]  # the failed build's files are there
+        terminal.type("exit 0")
+        code = terminal.exit_code()
+    finally:
+        terminal.close()
+    assert code == 1, (tmp_path / "out.log").read_text(errors="replace")[-3000:]
+    assert not (tmp_path / "out").exists()
+    assert "TIME_main_build: " in (tmp_path / "out.statistics").read_text()

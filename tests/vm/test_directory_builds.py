@@ -101,7 +101,7 @@ def test_a_symlinked_results_folder_is_refused(tmp_path: Path, rootfs: Path, cac
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
-def test_a_failing_recipe_fails_the_build_and_extracts_nothing(
+def test_a_failing_recipe_fails_the_build_with_its_statistics_and_extracts_nothing(
     tmp_path: Path, rootfs: Path, cache: Path, vm: str
 ) -> None:
     script = recipe(
@@ -110,6 +110,8 @@ def test_a_failing_recipe_fails_the_build_and_extracts_nothing(
     proc = cli_build(tmp_path, cache, vm, rootfs, script)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+    assert "exited 7" in (tmp_path / "out.log").read_text()
+    assert "TIME_main_build: " in (tmp_path / "out.statistics").read_text()  # on failure too
 
 
 def test_the_build_timeout_stops_everything(tmp_path: Path, rootfs: Path, cache: Path, vm: str) -> None:
@@ -155,3 +157,29 @@ def test_the_watchdog_stops_a_build_that_hangs_in_a_marked_section(
     proc = cli_build(tmp_path, cache, "none", rootfs, script, "--vm-watchdog")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "WATCHDOG TRIGGERED" in (tmp_path / "out.log").read_text()
+
+
+def test_a_planted_statistics_link_never_redirects_the_agent_onto_the_host(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    """The chroot's agent runs on the host: `_statistics` planted as a link to a host file must be
+    replaced, never written through."""
+    victim = tmp_path / "host-file"
+    victim.write_text("precious\n")
+    script = recipe(
+        tmp_path / "src", f"ln -s {victim} /.build.out/_statistics\necho ok > $BUILD_RESULTS/ok\n"
+    )
+    proc = cli_build(tmp_path, cache, "none", rootfs, script)
+    assert victim.read_text() == "precious\n"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TIME_main_build: " in (tmp_path / "out.statistics").read_text()
+
+
+def test_shell_instead_of_the_recipe_at_the_terminal(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+    localbuild.drive_shell(tmp_path, cache, "none", rootfs)
+
+
+def test_shell_after_a_failed_recipe_keeps_the_build_failed(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    localbuild.drive_shell_after_fail(tmp_path, cache, "none", rootfs)

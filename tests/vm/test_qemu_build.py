@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from local_backends.kvm import kvm_problem
+from local_backends.machines.kvm import kvm_problem
 from tests.vm import localbuild
 from tests.vm.localbuild import recipe, tree
 
@@ -62,6 +62,7 @@ def build(
     *extra: str,
     timeout: float = 240,
     env_extra: dict[str, str] | None = None,
+    wrapper: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -70,6 +71,7 @@ def build(
         "TMPDIR": str(tmp_path),  # the build's work folder (images) lives under the test's folder
     }
     argv = [
+        *wrapper,
         *CLI,
         "build",
         "--vm-type",
@@ -162,7 +164,9 @@ def test_xfs_root_boots_with_its_modules_and_returns_results(
     assert (tmp_path / "out" / "blob").stat().st_size == 40 * 65536
 
 
-def test_failing_recipe_gives_1_and_nothing_in_dest(tmp_path: Path, rootfs: Path, cache: Path) -> None:
+def test_failing_recipe_gives_1_its_log_and_statistics_and_nothing_in_dest(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
     script = recipe(
         tmp_path / "recipe", 'echo partial > "$BUILD_RESULTS/partial"\necho "about to fail"\nexit 7\n'
     )
@@ -172,6 +176,41 @@ def test_failing_recipe_gives_1_and_nothing_in_dest(tmp_path: Path, rootfs: Path
     assert not out.exists() or not any(out.iterdir())
     assert "about to fail" in (tmp_path / "out.log").read_text(errors="replace")
     assert "exited 7" in (tmp_path / "out.log").read_text(errors="replace")
+    statistics = (tmp_path / "out.statistics").read_text()  # obs-build's _statistics on failure too
+    assert "TIME_main_build: " in statistics and "MAX_mb_used_memory: " in statistics
+    assert "IO_requests_write: " in statistics
+
+
+def test_a_build_started_under_linux32_runs_its_recipe_as_i686(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    """As OBS workers start i586 builds: the host's personality goes into build.data, the agent
+    switches the recipe to it inside the x86_64 machine."""
+    if os.uname().machine != "x86_64":
+        pytest.fail("linux32 means i686 on x86_64 hosts only")
+    script = recipe(tmp_path / "recipe", 'uname -m > "$BUILD_RESULTS/machine"\n')
+    proc = build(tmp_path, rootfs, cache, script, wrapper=("linux32",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "machine").read_text() == "i686\n"
+    log = (tmp_path / "out.log").read_text(errors="replace")
+    assert "machine type: x86_64" in log and "switching personality to 8..." in log
+
+
+def test_a_distribution_initrd_gets_the_agent_appended_and_boots(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    """--vm-initrd with the host's own Debian initrd: our archive is appended to it, our /init
+    loads the disk and ext4 drivers from it (with its modprobe) and starts the agent."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    initrds = [Path(f"/boot/initrd.img-{k.name.removeprefix('vmlinuz-')}") for k in kernels]
+    pairs = [(k, i) for k, i in zip(kernels, initrds, strict=True) if i.is_file()]
+    if not pairs:
+        pytest.fail("no /boot/initrd.img-* next to a kernel: scripts/setup --test installs initramfs-tools")
+    kernel, initrd = pairs[-1]
+    script = recipe(tmp_path / "recipe", 'echo booted > "$BUILD_RESULTS/ok"\n')
+    proc = build(tmp_path, rootfs, cache, script, "--vm-kernel", str(kernel), "--vm-initrd", str(initrd))
+    assert proc.returncode == 0, (tmp_path / "out.log").read_text(errors="replace")[-3000:]
+    assert (tmp_path / "out" / "ok").read_text() == "booted\n"
 
 
 def test_hanging_recipe_is_killed_by_the_build_timeout(tmp_path: Path, rootfs: Path, cache: Path) -> None:
@@ -251,14 +290,19 @@ def test_swap_scribbler_cannot_make_the_host_write_outside_dest(
     tmp_path: Path, rootfs: Path, cache: Path
 ) -> None:
     # a background process keeps writing a status + hostile manifest onto the swap disk while
-    # the recipe "succeeds": the agent kills it before it writes the real manifest
+    # the recipe "succeeds": the agent must kill it before it writes the real manifest. It holds
+    # the swap disk open and has a device node of its own in the build root, so neither the
+    # unmount of /dev nor swapon's exclusive open stops it: only the kill does.
     (tmp_path / "recipe").mkdir()
     (tmp_path / "recipe" / "hostile").write_text(HOSTILE)
     script = recipe(
         tmp_path / "recipe",
         "swapoff /dev/vdb\n"  # the agent turned it on: an active swap device cannot be opened
-        "( while :; do dd if=hostile of=/dev/vdb conv=notrunc,fsync 2>/dev/null; done ) &\n"
+        "cp -a /dev/vdb /tmp/swapdisk\n"
+        "( exec 3</tmp/swapdisk; while :; do dd if=hostile of=/tmp/swapdisk conv=notrunc,fsync 2>/dev/null; "
+        "done ) </dev/null >/dev/null 2>&1 &\n"
         "sleep 1\n"
+        "kill -0 $!\n"
         'echo ok > "$BUILD_RESULTS/ok.txt"\n',
     )
     proc = build(tmp_path, rootfs, cache, script)
@@ -330,3 +374,17 @@ def test_kvm_refuses_a_host_without_usable_kvm(tmp_path: Path, rootfs: Path, cac
     if Path("/sys/module/kvm_pvm").exists():
         assert "kvm_pvm" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_shell_instead_of_the_recipe_on_the_machines_console(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    localbuild.drive_shell(tmp_path, cache, "qemu", rootfs, "--vm-disk-size", "512", "--vm-swap-size", "64")
+
+
+def test_shell_after_a_failed_recipe_on_the_machines_console(
+    tmp_path: Path, rootfs: Path, cache: Path
+) -> None:
+    localbuild.drive_shell_after_fail(
+        tmp_path, cache, "qemu", rootfs, "--vm-disk-size", "512", "--vm-swap-size", "64"
+    )

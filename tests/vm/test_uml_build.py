@@ -84,6 +84,7 @@ def test_a_failing_recipe_fails_the_build(tmp_path: Path, rootfs: Path, cache: P
     proc = cli_build(tmp_path, cache, VM, rootfs, script, *DISKS)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+    assert "TIME_main_build: " in (tmp_path / "out.statistics").read_text()  # on failure too
 
 
 def test_cloudbuild_kill_marks_the_swap_and_stops_uml(tmp_path: Path, rootfs: Path, cache: Path) -> None:
@@ -110,7 +111,7 @@ def test_cloudbuild_kill_marks_the_swap_and_stops_uml(tmp_path: Path, rootfs: Pa
 
 
 def test_the_command_line_is_the_seeds_with_a_memory_unit(tmp_path: Path) -> None:
-    from local_backends.uml import uml_argv
+    from local_backends.machines.uml import uml_argv
 
     argv = uml_argv(
         kernel=Path("/usr/bin/linux.uml"),

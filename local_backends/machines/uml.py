@@ -29,7 +29,7 @@ from cloudbuild.runner import which
 from cloudbuild.volume import VolumePair
 from local_backends import agentroot
 from local_backends.localvolume import image_path, local_volumes
-from local_backends.vmproc import ProcessMachineBackend
+from local_backends.machines.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 

@@ -51,6 +51,11 @@ class ProcessExit:
     timed_out: bool = False
 
 
+def wants_console(options: VmOptions) -> bool:
+    """`--shell`/`--shell-after-fail`: the machine reads the terminal the build was started on."""
+    return options.shell or options.shell_after_fail
+
+
 def pump(stream: IO[bytes], console: Console) -> None:
     """Copy a process' output to the console until it closes."""
     while True:
@@ -69,14 +74,16 @@ def run_machine(
     cwd: Arg | None = None,
     started: list[subprocess.Popen[bytes]] | None = None,
     stop: Callable[[], None] | None = None,
+    interactive: bool = False,
 ) -> ProcessExit:
     """Run the machine's process to its end with stdout+stderr on `console`; kill it at `timeout`.
 
     `started` receives the process as soon as it runs, so `Backend.kill()` from another thread
     can stop it. `stop` is the machine's own way to stop (e.g. `lxc-stop -k`), tried at the
-    timeout before the process is terminated.
+    timeout before the process is terminated. `interactive` hands it our stdin (`--shell`: the
+    terminal the build was started on becomes the machine's console input).
     """
-    proc = spawn(argv, env=env, cwd=cwd)
+    proc = spawn(argv, env=env, cwd=cwd, stdin=None if interactive else subprocess.DEVNULL)
     if started is not None:
         started.append(proc)
     assert proc.stdout is not None
@@ -116,6 +123,7 @@ def boot_machine(
     stop: Callable[[], None] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Arg | None = None,
+    interactive: bool = False,
 ) -> BootResult:
     """Boot a one-process machine under the console watchdog and say how it ended.
 
@@ -126,20 +134,40 @@ def boot_machine(
     dog = Watchdog(console, timeout=watchdog_timeout() if watchdog else None, on_fire=kill)
     dog.open()
     console.write(f"booting {name}...\n".encode())
-    exit_ = run_machine(argv, dog, timeout=timeout, env=env, cwd=cwd, started=started, stop=stop)
+    exit_ = run_machine(
+        argv, dog, timeout=timeout, env=env, cwd=cwd, started=started, stop=stop, interactive=interactive
+    )
     dog.close()
     return machine_outcome(exit_, dog, name=name, killed=killed() or was_killed(workdir))
 
 
-def machine_outcome(exit_: ProcessExit, dog: Watchdog, *, name: str, killed: bool) -> BootResult:
-    """How a machine ended, from its process' exit, the watchdog's view and whether we killed it."""
+def machine_outcome(
+    exit_: ProcessExit,
+    dog: Watchdog,
+    *,
+    name: str,
+    killed: bool,
+    killed_status: int | None = None,
+    ended: Callable[[ProcessExit], BootResult] | None = None,
+) -> BootResult:
+    """How a machine ended, from its process' exit, the watchdog's view and whether we killed it.
+
+    The one place that orders the verdicts, for every local backend: a watchdog or timeout kill
+    also makes the process exit non-zero, and a machine stopped by `cloudbuild kill` (here or
+    from another process, seen through the kill marker) is KILLED, not CRASHED. `killed_status`
+    is the status a killed build reports where no swap carries one (the directory channel);
+    `ended` says how a machine that ended by itself ended (default: its exit code and the panic
+    the watchdog saw; the directory channel reads the status the agent recorded).
+    """
     if dog.fired:
         after = f" for {dog.timeout:g}s" if dog.timeout is not None else ""
         return BootResult(ExitReason.WATCHDOG, detail=f"watchdog marker open{after}")
     if exit_.timed_out:
         return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
     if killed:
-        return BootResult(ExitReason.KILLED)
+        return BootResult(ExitReason.KILLED, status=killed_status, detail="killed (cloudbuild kill)")
+    if ended is not None:
+        return ended(exit_)
     if exit_.returncode != 0:
         return BootResult(ExitReason.CRASHED, detail=f"{name} exited {exit_.returncode}")
     if dog.panicked:
@@ -191,6 +219,7 @@ class ProcessMachineBackend(Backend):
             workdir=slot.workdir,
             stop=stop,
             cwd=cwd,
+            interactive=wants_console(self.options),
         )
 
     def stop_processes(self) -> None:

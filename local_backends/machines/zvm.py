@@ -33,7 +33,8 @@ from cloudbuild.options import VmOptions
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import CommandError, run, spawn, terminate, which
 from cloudbuild.volume import Role, Volume, VolumePair, VolumeState
-from local_backends.vmproc import pump
+from local_backends.initrd import merge_modules
+from local_backends.machines.vmproc import pump
 
 log = get_logger(__name__)
 
@@ -320,7 +321,8 @@ class ZvmBackend(Backend):
                 raise InfraError(f"could not redefine the storage of {worker}: {exc}") from exc
 
     def fixup(self, buildroot: Path) -> None:
-        """Put the kernel and initrd on the root disk and write the boot record (zipl)."""
+        """Put the kernel and the initrd (with the build root's modules) on the root disk and write
+        the boot record (zipl)."""
         boot = buildroot / "boot"
         (boot / "zipl").mkdir(parents=True, exist_ok=True)
         kernel = buildroot / ".build.kernel.kvm"
@@ -328,7 +330,8 @@ class ZvmBackend(Backend):
             kernel = boot / "cloudbuild.kernel"
             shutil.copyfile(self.kernel(), kernel)
         initrd = boot / "cloudbuild.initrd"
-        shutil.copyfile(str(self.options.vm_initrd), initrd)
+        # the worker's initrd knows only its own kernel's modules: add the build root's
+        merge_modules(Path(str(self.options.vm_initrd)), buildroot, initrd)
         root_disk = self.disks[0].lower()
         parameters = (
             f"root=/dev/disk/by-path/ccw-0.0.{root_disk}-part1 {KERNEL_PARAMETERS} "

@@ -25,7 +25,7 @@ from cloudbuild.log import get_logger
 from cloudbuild.runner import run, terminate, which
 from cloudbuild.volume import VolumePair
 from local_backends import agentroot
-from local_backends.chroot import DirectoryBackend, check_mount_target
+from local_backends.machines.directory import DirectoryBackend, check_mount_target
 
 log = get_logger(__name__)
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from cloudbuild.backend import register
 from cloudbuild.errors import HostBroken
-from local_backends.qemu import QemuBackend
+from local_backends.machines.qemu import QemuBackend
 
 DEV_KVM = Path("/dev/kvm")
 HINT = "use --vm-type qemu (no acceleration, slower)"

@@ -16,8 +16,9 @@ The protocol, as obs-build's:
   results out of the raw image. So an emulator without swap needs --vm-disk-filesystem ext2/3/4.
 - kill: every process holding the root image (`fuser -k -TERM`).
 
-The guest side is the emulator's: its kernel must start a 2nd stage (obs-build's or our agent)
-that follows the contract of `cloudbuild/buildroot/stage.py`.
+The guest side: the emulator's kernel boots the build root's /sbin/init, which `fixup` links to
+our agent (copied with its python and busybox into /.build/agent, as obs-build links /sbin/init
+to /.build/build); the agent follows the contract of `cloudbuild/buildroot/stage.py`.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from typing import ClassVar
 
 from cloudbuild.backend import BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.disk import buildstatus
-from cloudbuild.errors import HostBroken, InfraError, UsageError
+from cloudbuild.errors import HostBroken, InfraError, UntrustedData, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import CommandError, run, which
 from cloudbuild.volume import Role, VolumePair
-from local_backends import e2manifest
+from local_backends import agentroot, e2manifest
 from local_backends.localvolume import LocalVolume, image_path, local_volumes
-from local_backends.vmproc import ProcessMachineBackend
+from local_backends.machines.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
@@ -123,6 +124,11 @@ class EmulatorBackend(ProcessMachineBackend):
             self.pair = VolumePair(root, host_swap)
         return self.pair
 
+    def fixup(self, buildroot: Path) -> None:
+        """obs-build links /sbin/init to its 2nd stage for emulators that boot the root's init: ours
+        is the agent, copied with its runtime into the root (agentroot.install_init)."""
+        agentroot.install_init(buildroot)
+
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
@@ -157,10 +163,18 @@ class EmulatorBackend(ProcessMachineBackend):
         if status is None:
             log.warning("the emulator's guest left no /.build/_exitcode")
             return  # no status on the swap: the orchestrator reports exit 3
-        if status in (0, 2):
-            text = e2manifest.image_manifest(root)
-            if MANIFEST_PAD + len(text) > HOST_SWAP_MIB * 1024 * 1024:
-                raise InfraError("the result manifest does not fit on the host-side swap")
+        # a failed build hands back its statistics alone, as through a swap
+        names = (b"results", b"_statistics") if status in (0, 2) else (b"_statistics",)
+        try:
+            text = e2manifest.image_manifest(root, names=names)
+        except UntrustedData as exc:
+            if status in (0, 2):
+                raise
+            log.warning("no statistics of the failed build", error=str(exc))
+            text = b""
+        if MANIFEST_PAD + len(text) > HOST_SWAP_MIB * 1024 * 1024:
+            raise InfraError("the result manifest does not fit on the host-side swap")
+        if text:
             fd = os.open(host_swap, os.O_WRONLY)
             try:
                 os.pwrite(fd, b"\n" * MANIFEST_PAD + text + b"\n" * MANIFEST_PAD, 0)

@@ -1,6 +1,6 @@
 """`--vm-type qemu`: the build machine is a qemu process (TCG, no hardware virtualisation needed).
 
-kvm is the same machine with acceleration (`local_backends/kvm.py` subclasses this), as in
+kvm is the same machine with acceleration (`local_backends/machines/kvm.py` subclasses this), as in
 obs-build where build-vm-qemu reuses build-vm-kvm. The command line is obs-build's kvm one:
 `-no-reboot -nographic -nodefaults`, no network, the root and swap as virtio-blk drives with
 `serial=0`/`serial=1` and `cache=unsafe` (a build disk is thrown away if the host crashes),
@@ -11,8 +11,9 @@ Kernel and initrd: `--vm-kernel`/`--vm-initrd`; else the ones the build root shi
 (`.build.kernel.qemu`, `.build.initrd.qemu`, copied out by `kernel_files()` before the root is
 unmounted, with the modules our initramfs needs from the build root's /lib/modules when the host
 has none for that kernel); else the host's newest kernel. Without an initrd, cloudbuild builds its own from
-the kernel's modules (`local_backends/initramfs.py`): it starts the guest agent. A given initrd
-is booted as it is and must start the agent itself (`python3 -m cloudbuild.guest.agent`).
+the kernel's modules (`local_backends/initramfs.py`): it starts the guest agent. A given
+`--vm-initrd` gets the agent's initramfs appended (`agentroot.with_agent`): our /init starts the
+agent after loading the disk drivers with the given initrd's own modules and modprobe.
 
 `QemuMachine` is usable on its own (any root/swap image paths), e.g. to play a cloud builder.
 """
@@ -33,10 +34,10 @@ from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import which
 from cloudbuild.volume import VolumePair
-from local_backends import initramfs, kmod
+from local_backends import agentroot, initramfs, kmod
 from local_backends.kernel import bootable_kernel, host_kernel, kernel_release
 from local_backends.localvolume import image_path, local_volumes
-from local_backends.vmproc import ProcessMachineBackend
+from local_backends.machines.vmproc import ProcessMachineBackend
 
 log = get_logger(__name__)
 
@@ -261,7 +262,7 @@ class QemuBackend(ProcessMachineBackend):
         kernel = Path(options.vm_kernel) if options.vm_kernel else self.root_kernel or host_kernel()
         initrd: Path | None
         if options.vm_initrd:
-            initrd = Path(options.vm_initrd)
+            initrd = agentroot.with_agent(Path(options.vm_initrd), options.filesystem)
         elif self.root_initrd is not None and not options.vm_kernel:
             initrd = self.root_initrd
         else:

@@ -1,0 +1,1 @@
+"""The machine backends (one module per `--vm-type`) and what they share (`vmproc`, `directory`)."""
