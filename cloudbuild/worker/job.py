@@ -146,6 +146,10 @@ class Allowance:
 
     def apply(self, job: Job, base: cboptions.VmOptions) -> cboptions.VmOptions:
         """The operator's options with the job's allowed ones on top; JobRejected for anything else."""
+        return cboptions.parse(self.argv(job, base), defaults=base)
+
+    def argv(self, job: Job, base: cboptions.VmOptions) -> list[str]:
+        """The job's options as `cloudbuild build` arguments, checked; JobRejected for anything not allowed."""
         for name in job.options:
             if name not in self.limits:
                 allowed = ", ".join(sorted(self.limits)) or "none"
@@ -167,9 +171,10 @@ class Allowance:
                 )
             argv += ["--build-timeout", f"{timeout:g}"]
         try:
-            return cboptions.parse(argv, defaults=base)
+            cboptions.parse(argv, defaults=base)
         except UsageError as exc:
             raise JobRejected(f"job option: {exc}") from None
+        return argv
 
 
 def _number(what: str, name: str, text: str) -> float:

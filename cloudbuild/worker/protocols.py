@@ -15,12 +15,20 @@ Shaped so that the embedded `dir://` pair, SQS + S3 and Redis Streams + Swift al
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cloudbuild.errors import InfraError
+
+T = TypeVar("T")
+
+
+class Io(Protocol):
+    """Calls a queue/store operation, retrying it while the queue or store is unreachable."""
+
+    def __call__(self, fn: Callable[[], T], what: str) -> T: ...
 
 
 class Unreachable(InfraError):
