@@ -110,7 +110,7 @@ class Slot:
         code: int | None = None
         while code is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                code = proc.wait(timeout=LOG_CHUNK_SECONDS)
+                code = proc.wait(timeout=min(LOG_CHUNK_SECONDS, renew_every))
             uploader.upload()
             if code is not None:
                 break
