@@ -123,7 +123,7 @@ class DirStore:
             for name, source in files.items():
                 target = staged / _safe_name(name)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target, follow_symlinks=False)
+                shutil.copy2(source, target, follow_symlinks=False)
             fsync_dir(staged)
             record = {**status, "job": job_id, "attempt": attempt, "prefix": prefix}
             won = create_exclusive(job / "status.json", json.dumps(record, sort_keys=True).encode())
@@ -142,7 +142,7 @@ class DirStore:
         if record is None:
             raise FileNotFoundError(f"job {job_id} has no result yet")
         prefix = _safe_name(str(record["prefix"]))
-        shutil.copyfile(self._job(job_id) / prefix / _safe_name(name), dest, follow_symlinks=False)
+        shutil.copy2(self._job(job_id) / prefix / _safe_name(name), dest, follow_symlinks=False)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
