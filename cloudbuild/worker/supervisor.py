@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -365,8 +366,6 @@ class Supervisor:
         mounts = _unmount_under(slots)
         loops = _detach_loops_under(slots)
         if slots.exists():
-            import shutil
-
             shutil.rmtree(slots, ignore_errors=True)
         slots.mkdir(parents=True, exist_ok=True)
         log.info("start-up sweep", released=released, killed=killed, unmounted=mounts, loop_devices=loops)
