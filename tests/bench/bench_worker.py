@@ -7,8 +7,9 @@
   unpack, rootfs cache hit, child start, result publish, ack), from the worker's own events:
   (`job finished` - `job claimed`) - (`build ended` - `build starting`), median over the jobs,
   also as a share of the bare build's round trip.
-- throughput: jobs per minute for N jobs queued up front, from the worker's start to its exit
-  (`--max-jobs N`), with 1 and then 2 slots.
+- throughput: jobs per minute for N jobs queued up front, from the first `job claimed` to the
+  last `job finished` (the worker's own start-up left out), with 1 and then 2 slots. The load
+  average is printed too: on a shared 2-core machine other processes eat the second slot's core.
 
 Not collected by pytest (no test_ prefix): run it on demand. Figures go into docs/worker.md.
 """
@@ -52,16 +53,14 @@ def stamp(event: dict[str, str]) -> float:
 def farm_run(
     top: Path, vm: str, rootfs: Path, script: Path, env: dict[str, str], jobs: int, slots: int
 ) -> tuple[float, list[float]]:
-    """Seconds from worker start to exit for `jobs` queued jobs; the per-job overheads."""
+    """Seconds from the first claim to the last finish of `jobs` queued jobs; the per-job overheads."""
     base = top / f"farm-{vm}-{slots}"
     queue, store = f"dir://{base}/q", f"dir://{base}/s"
     for _ in range(jobs):
         run([*CLI, "submit", "--queue", queue, "--store", store, str(script)], env)
-    started = time.monotonic()
     worker = run([*CLI, "worker", "--queue", queue, "--store", store, "--work-dir", str(base / "w"),
                   "--slots", str(slots), "--max-jobs", str(jobs), "--log-format", "json",
                   "--vm-type", vm, *VM_ARGS[vm], "--rootfs", str(rootfs)], env)  # fmt: skip
-    wall = time.monotonic() - started
     events: dict[tuple[str, str], float] = {}
     for line in worker.stdout.splitlines() + worker.stderr.splitlines():
         try:
@@ -75,7 +74,9 @@ def farm_run(
         total = events[(job, "job finished")] - events[(job, "job claimed")]
         build = events[(job, "build ended")] - events[(job, "build starting")]
         overheads.append(total - build)
-    return wall, overheads
+    claimed = [t for (_, name), t in events.items() if name == "job claimed"]
+    finished = [t for (_, name), t in events.items() if name == "job finished"]
+    return max(finished) - min(claimed), overheads
 
 
 def main() -> None:
@@ -101,6 +102,7 @@ def main() -> None:
             wall1, over1 = farm_run(top, vm, rootfs, script, env, jobs, 1)
             wall2, _ = farm_run(top, vm, rootfs, script, env, jobs, 2)
             overhead = statistics.median(over1)
+            print(f"{vm}: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             print(f"{vm}: bare `cloudbuild build` {bare_s:.2f} s (median of {args.rounds})")
             print(
                 f"{vm}: worker overhead per job {overhead * 1000:.0f} ms = {100 * overhead / bare_s:.1f} % of a bare build"

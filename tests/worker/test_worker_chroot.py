@@ -280,3 +280,26 @@ def test_lease_renewal_keeps_a_build_longer_than_its_lease(farm: Farm, rootfs: P
     status = farm.status(job)
     assert (status["attempt"], status["worker"]) == (1, "w1")  # never reclaimed meanwhile
     assert '"job claimed"' not in farm.worker_log("w2")
+
+
+def test_two_workers_finishing_the_same_job_leave_one_result(
+    farm: Farm, rootfs: Path, tmp_path: Path
+) -> None:
+    job = farm.submit(slow_recipe(tmp_path / "src", 3))
+    first = farm.start_worker(rootfs, "--lease", "2", "--max-jobs", "1", worker_id="w1")
+    farm.wait_state(job, "running")
+    first.send_signal(signal.SIGSTOP)  # its build runs on (own session); its lease runs out
+    try:
+        second = farm.start_worker(rootfs, "--lease", "2", "--max-jobs", "1", worker_id="w2")
+        assert second.wait(timeout=120) == 0, farm.worker_log("w2")[-3000:]
+    finally:
+        first.send_signal(signal.SIGCONT)  # w1 finds its build done and publishes too: too late
+    assert first.wait(timeout=120) == 0, farm.worker_log("w1")[-3000:]
+    status = farm.status(job)
+    assert (status["attempt"], status["worker"]) == (2, "w2")
+    assert "another delivery of this job published first" in farm.worker_log("w1")
+    assert len(list((tmp_path / "store" / "jobs" / job / "attempts").iterdir())) == 1
+    assert farm.queue.counts() == {"pending": 0, "claimed": 0, "done": 1, "dead": 0}
+    dest = tmp_path / "res"
+    assert farm.cli("results", "--store", farm.store_url, job, "--dest", str(dest)).returncode == 0
+    assert (dest / "result.txt").read_text() == "done"
