@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cloudbuild.retry import wait_for
 from cloudbuild.worker.job import MAX_JOB_BYTES
 from tests.vm import localbuild
-from tests.vm.localbuild import CLI, recipe, sha, tree
+from tests.vm.localbuild import CLI, mounts_under, processes_mentioning, recipe, sha, tree
 from tests.worker.workerlib import Farm, farm, slow_recipe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -200,6 +201,13 @@ def test_sigkill_lease_expires_another_worker_reclaims_and_the_next_start_sweeps
     first.wait()
     slot = tmp_path / "work-w1" / "slots" / "0"
     assert slot.exists()  # what the killed worker left
+    # its build got SIGTERM with it (PR_SET_PDEATHSIG) and stopped on its own
+    wait_for(
+        lambda: processes_mentioning(str(slot)) == [],
+        what="the orphaned build to stop",
+        timeout=60,
+        interval=0.2,
+    )
     second = farm.start_worker(rootfs, "--max-jobs", "1", worker_id="w2")
     assert second.wait(timeout=180) == 0, farm.worker_log("w2")[-3000:]
     status = farm.status(job)
@@ -303,3 +311,21 @@ def test_two_workers_finishing_the_same_job_leave_one_result(
     dest = tmp_path / "res"
     assert farm.cli("results", "--store", farm.store_url, job, "--dest", str(dest)).returncode == 0
     assert (dest / "result.txt").read_text() == "done"
+
+
+def test_a_worker_killed_outright_takes_its_builds_down(farm: Farm, rootfs: Path, tmp_path: Path) -> None:
+    job = farm.submit(slow_recipe(tmp_path / "src", 600))
+    worker = farm.start_worker(rootfs, "--lease", "3600")
+    farm.wait_state(job, "running")
+    slot = tmp_path / "work-w1" / "slots" / "0"
+    assert processes_mentioning(str(slot)) != []
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    # PR_SET_PDEATHSIG: the build gets SIGTERM, stops its chroot and cleans up like `cloudbuild kill`
+    wait_for(
+        lambda: processes_mentioning(str(slot)) == [],
+        what="the orphaned build to stop",
+        timeout=60,
+        interval=0.2,
+    )
+    assert mounts_under(slot) == []
