@@ -31,7 +31,11 @@ def positive_int(text: str) -> int:
 
 
 def parser(prog: str, description: str, *, queue: bool = False) -> Parser:
-    p = Parser(prog=f"cloudbuild {prog}", description=description)
+    p = Parser(
+        prog=f"cloudbuild {prog}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if queue:
         p.add_argument("--queue", required=True, metavar="URL", help="the job queue (dir:///abs/path)")
     p.add_argument("--store", required=True, metavar="URL", help="the result store (dir:///abs/path)")

@@ -61,16 +61,16 @@ def main(argv: Sequence[str]) -> int:
     cblog.configure(args.log_format)
     base = cboptions.resolve_paths(cboptions.parse(build_argv))
     if base.positionals:
-        raise UsageError(f"worker: unexpected argument {base.positionals[0]!r} (recipes come from the queue)")
+        raise UsageError(f"unexpected argument {base.positionals[0]!r} (recipes come from the queue)")
     for name in PER_JOB:
         if getattr(base, name) != getattr(cboptions.VmOptions(), name):
             raise UsageError(
                 f"worker: --{name.replace('_', '-')} is set per job and slot by the worker; drop it"
             )
     if not base.rootfs:
-        raise UsageError("worker: --rootfs is required (the build root of jobs that bring none)")
+        raise UsageError("--rootfs is required (the build root of jobs that bring none)")
     if args.max_attempts < 1:
-        raise UsageError("worker: --max-attempts must be at least 1")
+        raise UsageError("--max-attempts must be at least 1")
     workdir = (args.work_dir or Path("/var/lib/cloudbuild/worker") / args.worker_id).absolute()
     config = WorkerConfig(
         owner=args.worker_id,
