@@ -97,7 +97,12 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
         self.draining = True
-        if self._signals > 1:  # the second one: stop the builds now (their jobs are still released)
+        # locks are taken from a thread: the handler runs in the main thread, which may hold them
+        stop_now = self._signals > 1  # the second one: stop the builds now (their jobs are still released)
+        threading.Thread(target=self._after_signal, args=(stop_now,), name="on-signal", daemon=True).start()
+
+    def _after_signal(self, stop_now: bool) -> None:
+        if stop_now:
             self._stop_all()
         self._wake.set()
 

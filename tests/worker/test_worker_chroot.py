@@ -185,6 +185,8 @@ def test_a_second_sigterm_stops_the_build_at_once_and_still_releases(
     worker = farm.start_worker(rootfs, "--drain-timeout", "600")
     farm.wait_state(job, "running")
     worker.send_signal(signal.SIGTERM)
+    # two signals sent at once may arrive as one: the second after the first was taken
+    wait_for(lambda: '"draining"' in farm.worker_log(), what="the worker to drain", timeout=60, interval=0.1)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     assert farm.store.state(job) == {**(farm.store.state(job) or {}), "state": "queued", "attempt": 1}
