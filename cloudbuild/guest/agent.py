@@ -404,9 +404,7 @@ def write_exit_file(root: str, status: int) -> None:
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink("_exitcode", dir_fd=build_dir)
-        fd = os.open(
-            "_exitcode", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=build_dir
-        )
+        fd = os.open("_exitcode", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=build_dir)
         try:
             os.write(fd, f"{status}\n".encode())
         finally:
