@@ -53,6 +53,25 @@ class Console(Protocol):
 
 ResultChannel = Literal["swap", "directory"]
 
+KILL_MARKER = ".cloudbuild-killed"
+"""The file `cloudbuild kill` (another process) leaves in a build's work folder: the build
+process then reports its machine's end as KILLED (failed, nothing extracted), not as a crash.
+The orchestrator removes a stale one (an earlier build's kill in a kept `--root`) before boot."""
+
+
+def mark_killed(workdir: Path) -> None:
+    """`cloudbuild kill` was here."""
+    if workdir.is_dir():
+        (workdir / KILL_MARKER).write_text("killed\n")
+
+
+def was_killed(workdir: Path | None) -> bool:
+    return workdir is not None and (workdir / KILL_MARKER).exists()
+
+
+def clear_killed(workdir: Path) -> None:
+    (workdir / KILL_MARKER).unlink(missing_ok=True)
+
 
 class Backend(abc.ABC):
     """One VM type. See ARCHITECTURE.md for the flow that calls these methods."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, clear_killed
 from cloudbuild.deadline import Deadline
 from cloudbuild.errors import (
     BuildFailed,
@@ -162,6 +162,9 @@ class Orchestrator:
                     self.steps.reset_swap(self._attach(pair.swap), deadline)
                     pair.swap.detach()
         with self.phase("boot", limits.boot) as deadline:
+            # an earlier build's `cloudbuild kill` in a kept --root must not make this one "killed";
+            # here, once, for every backend (each reads the marker when its machine ends)
+            clear_killed(self.slot.workdir)
             self._running = True
             result = self.backend.boot_and_wait(
                 pair, self.slot, timeout=deadline.seconds, console=self.console

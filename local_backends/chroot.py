@@ -27,7 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import (
+    Backend,
+    BootResult,
+    BuildSlot,
+    Console,
+    ExitReason,
+    clear_killed,
+    mark_killed,
+    register,
+    was_killed,
+)
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import NO_VM, VmOptions
@@ -78,7 +88,7 @@ class DirectoryBackend(Backend):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / agentroot.STATUS_FILE).unlink(missing_ok=True)
         assert self.workdir is not None
-        vmproc.clear_killed(self.workdir)
+        clear_killed(self.workdir)
         return folder
 
     def run_watched(
@@ -101,7 +111,7 @@ class DirectoryBackend(Backend):
         return self.result(exit_)
 
     def result(self, exit_: vmproc.ProcessExit) -> BootResult:
-        if vmproc.was_killed(self.workdir):
+        if was_killed(self.workdir):
             return BootResult(ExitReason.KILLED, status=1, detail="killed (cloudbuild kill)")
         if exit_.timed_out:
             return BootResult(ExitReason.TIMEOUT, detail="the build timeout passed")
@@ -113,13 +123,13 @@ class DirectoryBackend(Backend):
 
     def mark_killed(self) -> None:
         if self.workdir is not None:
-            vmproc.mark_killed(self.workdir)
+            mark_killed(self.workdir)
 
     def cleanup(self) -> None:
         for proc in list(self._procs):
             terminate(proc)
         if self.workdir is not None:
-            vmproc.clear_killed(self.workdir)
+            clear_killed(self.workdir)
             shutil.rmtree(self.status_dir, ignore_errors=True)
 
 

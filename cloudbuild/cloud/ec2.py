@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import KILL_MARKER, Backend, BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.cloud.common import (
     TAG_POOL,
     build_tags,
@@ -57,7 +57,6 @@ from cloudbuild.cloud.ec2_nvme import (
     serial_of,
 )
 from cloudbuild.cloud.ec2_volume import EbsVolume, attach_all, detach_all
-from cloudbuild.commands.kill import KILL_MARKER
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import bound, get_logger

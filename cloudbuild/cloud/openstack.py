@@ -23,12 +23,11 @@ from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import KILL_MARKER, Backend, BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.cloud.common import Resource, build_tags, format_time, is_cloudbuild_tagged, lease_expiry
 from cloudbuild.cloud.openstack_api import Api, AttachHealth, Timeouts, connect, worker_server_id
 from cloudbuild.cloud.openstack_server import Builder, choose_flavor, user_data
 from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH, CinderVolume
-from cloudbuild.commands.kill import KILL_MARKER
 from cloudbuild.disk import buildstatus
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import InfraError, UsageError
@@ -199,7 +198,6 @@ class OpenStackBackend(Backend):
         if pair.swap is None:
             raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
         o = self.options
-        (slot.workdir / KILL_MARKER).unlink(missing_ok=True)  # an earlier build's kill in a kept --root
         builder = self.builder = Builder(self.api, name=_server_name(slot, self.options))
         tags = build_tags(
             owner=self.worker,

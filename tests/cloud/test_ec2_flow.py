@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from cloudbuild.backend import KILL_MARKER
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.cloud.common import TAG_POOL
 from cloudbuild.cloud.ec2 import Ec2Limits
@@ -42,6 +43,15 @@ def test_build_runs_on_a_builder_and_leaves_nothing(ec2_world: Ec2World) -> None
     assert (ec2_world.tmp / "dest-b1" / "result").read_bytes().startswith(b"RESULT-OF-i-")
     assert b"root staged ok" in console.text
     assert steps.calls == ["prepare_root", "reset_swap", "read_status", "extract"]
+
+
+def test_stale_kill_marker_of_an_earlier_build_does_not_fail_this_one(ec2_world: Ec2World) -> None:
+    the_job = job(ec2_world)
+    the_job.workdir.mkdir(parents=True)
+    (the_job.workdir / KILL_MARKER).write_text("killed\n")  # an earlier build's kill, kept --root
+    outcome = run_build(the_job, ec2_world.backend(), FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert (ec2_world.tmp / "dest-b1" / "result").read_bytes().startswith(b"RESULT-OF-i-")
 
 
 def test_failed_build_is_exit_1_and_cleans_up(ec2_world: Ec2World) -> None:

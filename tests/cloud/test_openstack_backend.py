@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 import cloudbuild.retry
-from cloudbuild.backend import BuildSlot
+from cloudbuild.backend import KILL_MARKER, BuildSlot
 from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.common import sweep, utcnow
 from cloudbuild.cloud.openstack import OpenStackBackend, gc_adapter
 from cloudbuild.cloud.openstack_api import AttachHealth
-from cloudbuild.commands.kill import KILL_MARKER, kill_slot
+from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
@@ -60,6 +60,14 @@ def test_build_runs_on_a_builder_server_and_leaves_nothing_behind(emu: Emulation
     assert b"BUILDSTATUS written" in sink.data
     assert len(emu.booted) == 1
     assert set(outcome.phases) >= {"verify", "volumes", "prepare", "boot", "status", "extract", "cleanup"}
+
+
+def test_stale_kill_marker_of_an_earlier_build_does_not_fail_this_one(emu: Emulation, tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / KILL_MARKER).write_text("killed\n")  # an earlier build's kill, kept --root
+    outcome, _ = build(emu, tmp_path)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert (tmp_path / "out" / "root-head").read_bytes() == b"ROOT"
 
 
 def test_builder_gets_the_volumes_as_block_devices_no_network_and_a_boot_hook(

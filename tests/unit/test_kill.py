@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console
+from cloudbuild.backend import KILL_MARKER, Backend, BootResult, BuildSlot, Console, was_killed
 from cloudbuild.commands import kill
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import UsageError
 from cloudbuild.options import parse
 from cloudbuild.volume import Role, VolumePair
-from local_backends import vmproc
 from local_backends.localvolume import LocalVolume
 
 
@@ -50,18 +49,14 @@ def test_the_swap_is_marked_before_and_after_the_machine_is_stopped(tmp_path: Pa
     kill.kill_slot(RecordingBackend(swap, events), BuildSlot("b", 0, tmp_path))
     assert events == ["kill (swap status then: 1)"]
     assert buildstatus.read(swap) == 1  # marked again after the guest's late BUILDSTATUS0
-    assert (tmp_path / kill.KILL_MARKER).exists()
+    assert (tmp_path / KILL_MARKER).exists()
 
 
 def test_backends_without_swap_get_the_marker_only(tmp_path: Path) -> None:
     events: list[str] = []
     kill.kill_slot(RecordingBackend(None, events), BuildSlot("b", 0, tmp_path))
     assert events == ["kill (swap status then: None)"]
-    assert vmproc.was_killed(tmp_path)
-
-
-def test_the_marker_is_the_one_the_local_backends_read() -> None:
-    assert kill.KILL_MARKER == vmproc.KILL_MARKER
+    assert was_killed(tmp_path)
 
 
 def test_work_folders_are_found_as_cloudbuild_build_lays_them_out(
