@@ -125,8 +125,8 @@ _MODULES: dict[str, str] = {
     "lxc": "local_backends.lxc",
     "zvm": "local_backends.zvm",
     "emulator": "local_backends.emulator",
-    "ec2": "cloudbuild.cloud.ec2",
-    "openstack": "cloudbuild.cloud.openstack",
+    "ec2": "cloudbuild.cloud.ec2.backend",
+    "openstack": "cloudbuild.cloud.openstack.backend",
 }
 
 

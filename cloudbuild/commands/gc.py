@@ -1,7 +1,7 @@
 """`cloudbuild gc --vm-type ec2|openstack [--dry-run] [--min-age SECONDS]`: sweep leaked cloud resources.
 
 The rule (seen twice, `--min-age` apart) lives in `cloudbuild.cloud.common.sweep`; this command
-only picks the cloud's adapter: the module `cloudbuild.cloud.<vm-type>` provides
+only picks the cloud's adapter: the module `cloudbuild.cloud.<vm-type>.gc` provides
 `gc_adapter() -> GcAdapter`. Exit 0 when the sweep did everything it decided to, 3 when an action
 failed (the next sweep tries again).
 """
@@ -52,12 +52,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def adapter_for(vm_type: str) -> GcAdapter:
-    """The GC adapter of a cloud: `cloudbuild.cloud.<vm_type>.gc_adapter()`."""
+    """The GC adapter of a cloud: `cloudbuild.cloud.<vm_type>.gc.gc_adapter()`."""
     if vm_type not in CLOUDS:
         raise UsageError(
             f"gc: --vm-type {vm_type} has no cloud resources to sweep (choose {', '.join(CLOUDS)})"
         )
-    module = importlib.import_module(f"cloudbuild.cloud.{vm_type}")
+    module = importlib.import_module(f"cloudbuild.cloud.{vm_type}.gc")
     factory: Callable[[], GcAdapter] | None = getattr(module, "gc_adapter", None)
     if factory is None:
         raise UsageError(f"gc: --vm-type {vm_type} does not support gc in this version")

@@ -160,8 +160,8 @@ def moto_world() -> Iterator[Any]:
 
     import tests.fakes.moto_server as fx
     from cloudbuild import retry
-    from cloudbuild.cloud.ec2 import client
-    from cloudbuild.cloud.ec2_nvme import HostPaths
+    from cloudbuild.cloud.ec2.api import client
+    from cloudbuild.cloud.ec2.devices import HostPaths
     from tests.fakes.imds import FakeImds
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -214,9 +214,9 @@ def moto_world() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def recording(ec2: Any) -> Iterator[Recording]:
-    import cloudbuild.cloud.ec2 as ec2_backend
-    import cloudbuild.cloud.ec2_gc as ec2_gc
-    import cloudbuild.cloud.ec2_volume as ec2_volume
+    import cloudbuild.cloud.ec2.backend as ec2_backend
+    import cloudbuild.cloud.ec2.gc as ec2_gc
+    import cloudbuild.cloud.ec2.volume as ec2_volume
 
     modules = (ec2_backend, ec2_volume, ec2_gc)
     rec = Recording()
@@ -264,7 +264,7 @@ def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
 
 
 def _limits() -> Any:
-    from cloudbuild.cloud.ec2 import Ec2Limits
+    from cloudbuild.cloud.ec2.api import Ec2Limits
 
     return Ec2Limits(poll=0.001, poll_max=0.005, console_poll_max=0.005)
 

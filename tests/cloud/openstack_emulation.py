@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from cloudbuild.backend import Backend
-from cloudbuild.cloud.openstack import OpenStackBackend
-from cloudbuild.cloud.openstack_api import Timeouts
+from cloudbuild.cloud.openstack.api import Timeouts
+from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
 from cloudbuild.disk.image import zero_head

@@ -9,7 +9,7 @@ import pytest
 from cloudbuild.backend import KILL_MARKER
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.cloud.common import TAG_POOL
-from cloudbuild.cloud.ec2 import Ec2Limits
+from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.errors import ExitCode
 from cloudbuild.volume import TAG_BUILD, TAG_OWNER
 from tests.fakes.moto_server import (  # noqa: F401 - fixtures
@@ -197,7 +197,7 @@ def test_identity_comes_from_imds_when_not_given(ec2_world: Ec2World) -> None:
 
 def test_backend_is_registered_as_ec2() -> None:
     from cloudbuild.backend import backend_class
-    from cloudbuild.cloud.ec2 import Ec2Backend
+    from cloudbuild.cloud.ec2.backend import Ec2Backend
 
     assert backend_class("ec2") is Ec2Backend and Ec2Backend.channel == "swap"
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from cloudbuild.cloud.common import TAG_GC_SEEN, BuildLocks, build_tags, lease_expiry
-from cloudbuild.cloud.ec2 import Ec2Api, Ec2GcAdapter, ec2_tags
+from cloudbuild.cloud.base import BuildLocks
+from cloudbuild.cloud.common import TAG_GC_SEEN, build_tags, lease_expiry
+from cloudbuild.cloud.ec2.api import Ec2Api, ec2_tags
+from cloudbuild.cloud.ec2.gc import Ec2GcAdapter
 from cloudbuild.commands import gc
 from tests.fakes.moto_server import (  # noqa: F401 - fixtures
     ZONE,
@@ -131,8 +133,9 @@ CHILD = """
 import sys
 from pathlib import Path
 from cloudbuild.build import BuildJob, run_build
-from cloudbuild.cloud.ec2 import Ec2Backend, Ec2Limits
-from cloudbuild.cloud.ec2_nvme import HostPaths
+from cloudbuild.cloud.ec2.backend import Ec2Backend
+from cloudbuild.cloud.ec2.api import Ec2Limits
+from cloudbuild.cloud.ec2.devices import HostPaths
 from cloudbuild.options import VmOptions
 from tests.fakes.moto_server import FakeHostSteps, ListConsole
 

@@ -10,7 +10,8 @@ import pytest
 
 from cloudbuild.backend import BuildSlot
 from cloudbuild.cloud.common import parse_time
-from cloudbuild.cloud.ec2 import EbsVolume, Ec2Limits
+from cloudbuild.cloud.ec2.api import Ec2Limits
+from cloudbuild.cloud.ec2.volume import EbsVolume
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
 from tests.fakes.moto_server import (  # noqa: F401 - fixtures

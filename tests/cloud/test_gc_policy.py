@@ -13,6 +13,7 @@ from cloudbuild.cloud.common import (
     TAG_EXPIRES,
     TAG_GC_SEEN,
     TAG_OWNER,
+    GcAdapter,
     Resource,
     build_tags,
     format_time,
@@ -24,7 +25,7 @@ from cloudbuild.cloud.common import (
 NOW = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
 
 
-class MemoryCloud:
+class MemoryCloud(GcAdapter):
     """A stateful fake cloud: resources with tags, a set of live workers; unknown ids fail loudly."""
 
     def __init__(self, live_owners: Iterable[str] = ()):

@@ -22,9 +22,10 @@ import pytest
 import cloudbuild.retry
 from cloudbuild.backend import KILL_MARKER, BuildSlot
 from cloudbuild.build import BuildJob, run_build
+from cloudbuild.cloud.base import AttachHealth
 from cloudbuild.cloud.common import sweep, utcnow
-from cloudbuild.cloud.openstack import OpenStackBackend, gc_adapter
-from cloudbuild.cloud.openstack_api import AttachHealth
+from cloudbuild.cloud.openstack.backend import OpenStackBackend
+from cloudbuild.cloud.openstack.gc import gc_adapter
 from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for

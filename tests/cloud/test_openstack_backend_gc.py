@@ -21,8 +21,8 @@ import pytest
 from cloudbuild import cli
 from cloudbuild import log as cblog
 from cloudbuild.cloud.common import build_tags, format_time, sweep, utcnow
-from cloudbuild.cloud.openstack import OpenStackGc, gc_adapter
-from cloudbuild.cloud.openstack_api import Api, connect
+from cloudbuild.cloud.openstack.api import Api, connect
+from cloudbuild.cloud.openstack.gc import OpenStackGc, gc_adapter
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import spawn, terminate
 from cloudbuild.volume import TAG_GC_SEEN

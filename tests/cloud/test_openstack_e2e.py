@@ -20,7 +20,7 @@ from cloudbuild import cli
 from cloudbuild import log as cblog
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps
-from cloudbuild.cloud.openstack import OpenStackBackend
+from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions

@@ -38,9 +38,10 @@ import pytest
 from cloudbuild import retry
 from cloudbuild.backend import Backend
 from cloudbuild.cloud.common import TAG_POOL
-from cloudbuild.cloud.ec2 import Ec2Api, Ec2Backend, Ec2Limits, client
-from cloudbuild.cloud.ec2_imds import WorkerIdentity
-from cloudbuild.cloud.ec2_nvme import BY_ID_PREFIX, HostPaths, serial_of
+from cloudbuild.cloud.ec2.api import Ec2Api, Ec2Limits, client
+from cloudbuild.cloud.ec2.backend import Ec2Backend
+from cloudbuild.cloud.ec2.devices import BY_ID_PREFIX, HostPaths, serial_of
+from cloudbuild.cloud.ec2.identity import WorkerIdentity
 from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
 from cloudbuild.disk.image import zero_head
@@ -453,8 +454,8 @@ def ec2_world_fixture(
     imds = FakeImds({"instance-id": worker, "placement/availability-zone": ZONE, "placement/region": REGION})
     imds.start()
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
-    state_dir = tmp_path / "state"
-    monkeypatch.setenv("CLOUDBUILD_EC2_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("CLOUDBUILD_STATE_DIR", str(tmp_path / "state"))
+    state_dir = tmp_path / "state" / "ec2"  # where the backend and `cloudbuild gc` keep it
     paths = HostPaths(dev=tmp_path / "dev", sys=tmp_path / "sys")
     (paths.sys / "class" / "nvme").mkdir(parents=True)
     emulator = HostEmulator(worker, paths, tmp_path / "images")

@@ -22,8 +22,10 @@ from typing import Any
 
 import openstack.exceptions as os_exc
 
-from cloudbuild.cloud.openstack_api import Api, AttachHealth
-from cloudbuild.disk.image import device_size, is_block_device
+from cloudbuild.cloud.base import AttachHealth
+from cloudbuild.cloud.openstack.api import Api
+from cloudbuild.cloud.openstack.devices import find_device
+from cloudbuild.disk.image import device_size
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import wait_for
@@ -33,7 +35,6 @@ from cloudbuild.volume import TAG_BUILD, TAG_OWNER, TAG_ROLE, TAG_SLOT, Role, Vo
 log = get_logger(__name__)
 
 GIB = 1024
-VIRTIO_SERIAL_LENGTH = 20  # virtio-blk serial numbers are at most 20 bytes
 SETTLING = ("creating", "attaching", "detaching", "reserved", "downloading", "maintenance")
 FAILED = ("error", "error_deleting", "error_restoring", "error_extending", "error_managing")
 
@@ -41,29 +42,6 @@ FAILED = ("error", "error_deleting", "error_restoring", "error_extending", "erro
 def size_gib(size_mib: int) -> int:
     """Cinder sizes are whole GiB: round up."""
     return max(1, math.ceil(size_mib / GIB))
-
-
-def device_candidates(dev_root: Path, volume_id: str) -> list[Path]:
-    """Stable names udev gives the volume's disk, most specific first."""
-    by_id = dev_root / "disk" / "by-id"
-    return [
-        by_id / f"virtio-{volume_id[:VIRTIO_SERIAL_LENGTH]}",
-        by_id / f"scsi-0QEMU_QEMU_HARDDISK_{volume_id}",
-        by_id / f"scsi-0QEMU_QEMU_HARDDISK_{volume_id[:VIRTIO_SERIAL_LENGTH]}",
-    ]
-
-
-def find_device(dev_root: Path, volume_id: str, nova_device: str | None) -> Path | None:
-    """The local node of the attached volume, or None while it has not appeared yet."""
-    for candidate in device_candidates(dev_root, volume_id):
-        if candidate.exists():
-            return candidate.resolve()
-    if nova_device and nova_device.startswith("/dev/") and "/.." not in nova_device:
-        # Nova's name is the guest's *suggested* name; only trust a real block device
-        reported = dev_root / nova_device.removeprefix("/dev/")
-        if is_block_device(reported):
-            return reported
-    return None
 
 
 @dataclass(frozen=True)
@@ -128,7 +106,7 @@ class CinderVolume(Volume):
         if self.health is None or self._stuck_counted:
             return InfraError(message)
         self._stuck_counted = True
-        return self.health.stuck(message)
+        return self.health.failed(message)
 
     def _ok(self) -> None:
         if self.health is not None:

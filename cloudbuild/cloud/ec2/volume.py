@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cloudbuild import runner
-from cloudbuild.cloud.ec2_api import CAPACITY, NOT_FOUND, AttachHealth, Ec2Context, Ec2Error, ec2_tags
-from cloudbuild.cloud.ec2_nvme import (
-    host_lock,
+from cloudbuild.cloud.base import host_lock
+from cloudbuild.cloud.ec2.api import CAPACITY, NOT_FOUND, Ec2Context, Ec2Error, ec2_tags
+from cloudbuild.cloud.ec2.devices import (
     pick_device_name,
     resolve_device,
     serial_of,
@@ -180,14 +180,14 @@ class EbsVolume(Volume):
                     self._attach_with_flip(target, attempts=2)
             except InfraError as exc:
                 if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
-                    raise AttachHealth(self.ctx).failed(
+                    raise self.ctx.health.failed(
                         InfraError(f"attaching EBS volume {self._id} to this worker failed: {exc}")
                     ) from exc
                 raise
             if not here:
                 return None
             node = self._local_node()
-            AttachHealth(self.ctx).succeeded()
+            self.ctx.health.ok()
             if not self.owned and not self._wiped:
                 self.wipe(node)
             return node
@@ -291,7 +291,7 @@ class EbsVolume(Volume):
                 max_interval=1.0,
             )
         except DeadlineExceeded as exc:
-            raise AttachHealth(self.ctx).failed(InfraError(str(exc))) from exc
+            raise self.ctx.health.failed(InfraError(str(exc))) from exc
         log.info("volume attached here", device=str(node), device_name=self._device_name)
         return node
 
