@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
 
 from cloudbuild.backend import KILL_MARKER
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
-from cloudbuild.cloud.common import TAG_POOL
+from cloudbuild.cloud.common import TAG_POOL, parse_time, utcnow
 from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.errors import ExitCode
-from cloudbuild.volume import TAG_BUILD, TAG_OWNER
+from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE
 from tests.fakes.moto_server import (  # noqa: F401 - fixtures
     FAST,
     BuilderRun,
@@ -153,10 +154,22 @@ def test_warm_pool_reuses_a_stopped_builder(ec2_world: Ec2World) -> None:
     )
     members = [i for r in pool["Reservations"] for i in r["Instances"]]
     assert [m["State"]["Name"] for m in members] == ["stopped"]
+    during: dict[str, str] = {}
+
+    def play(run: BuilderRun) -> None:  # the claimed builder's tags while it builds b2
+        instance = ec2_world.ec2.describe_instances(InstanceIds=[run.instance_id])["Reservations"][0]
+        during.update({t["Key"]: t["Value"] for t in instance["Instances"][0]["Tags"]})
+        fake_build(0)(run)
+
+    ec2_world.emulator.play = play
     second = run_build(job(ec2_world, "b2"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), ListConsole())
     assert second.exit_code == ExitCode.OK, second.message
     assert (faults.count("RunInstances"), faults.count("StartInstances")) == (1, 1)
     assert [r.instance_id for r in ec2_world.emulator.runs] == [members[0]["InstanceId"]] * 2
+    # claimed: re-tagged for b2 (gc sees a build with a fresh lease, not an idle pool member)
+    assert (during[TAG_BUILD], during[TAG_ROLE], during[TAG_POOL]) == ("b2", "builder", ec2_world.worker_id)
+    lease = parse_time(during[TAG_EXPIRES])
+    assert lease is not None and lease > utcnow() + dt.timedelta(hours=1)
     assert (ec2_world.tmp / "dest-b2" / "result").read_bytes() == b"RESULT-OF-" + members[0][
         "InstanceId"
     ].encode()

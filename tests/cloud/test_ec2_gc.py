@@ -183,3 +183,35 @@ def test_worker_killed_mid_build_leaves_only_what_gc_removes(ec2_world: Ec2World
     assert gc_main("--min-age", "0") == 0
     assert gc_main("--min-age", "0") == 0
     assert leftovers(ec2_world.aws.client()) == []
+
+
+def other_worker(world: Ec2World) -> str:
+    instance: str = world.ec2.run_instances(ImageId=world.ami, MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    return instance
+
+
+def test_gc_here_keeps_a_build_of_another_live_worker_it_cannot_see(ec2_world: Ec2World):
+    owner = other_worker(ec2_world)  # its build runs there: no lock of it on this worker
+    volume = ec2_world.ec2.create_volume(
+        AvailabilityZone=ZONE, Size=1, TagSpecifications=spec("volume", owner, "elsewhere")
+    )["VolumeId"]
+    assert gc_main("--min-age", "0") == 0
+    assert gc_main("--min-age", "0") == 0
+    assert leftovers(ec2_world.aws.client()) == [volume]
+    ec2_world.ec2.delete_volume(VolumeId=volume)
+    ec2_world.ec2.terminate_instances(InstanceIds=[owner])
+
+
+def test_gc_keeps_the_volumes_of_a_stopped_worker(ec2_world: Ec2World):
+    owner = other_worker(ec2_world)
+    ec2_world.ec2.stop_instances(InstanceIds=[owner])  # stopped, not gone: it may start again
+    volume = ec2_world.ec2.create_volume(
+        AvailabilityZone=ZONE, Size=1, TagSpecifications=spec("volume", owner, "paused")
+    )["VolumeId"]
+    assert gc_main("--min-age", "0") == 0
+    assert gc_main("--min-age", "0") == 0
+    assert leftovers(ec2_world.aws.client()) == [volume]
+    ec2_world.ec2.delete_volume(VolumeId=volume)
+    ec2_world.ec2.terminate_instances(InstanceIds=[owner])

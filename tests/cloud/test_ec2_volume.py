@@ -321,3 +321,26 @@ def test_releasing_one_volume_starts_the_partners_detach(ec2_world: Ec2World):
     assert root.state() == VolumeState.ABSENT
     swap.release()
     assert swap.state() == VolumeState.ABSENT
+
+
+def test_the_test_setup_honours_client_tokens_as_ec2_does(ec2_world: Ec2World):
+    ec2 = ec2_world.ec2
+    first = ec2.create_volume(AvailabilityZone=ZONE, Size=1, ClientToken="token-1")["VolumeId"]
+    again = ec2.create_volume(AvailabilityZone=ZONE, Size=1, ClientToken="token-1")["VolumeId"]
+    other = ec2.create_volume(AvailabilityZone=ZONE, Size=1, ClientToken="token-2")["VolumeId"]
+    assert first == again != other
+    for volume in (first, other):
+        ec2.delete_volume(VolumeId=volume)
+
+
+def test_a_create_whose_answer_was_lost_is_retried_without_a_second_volume(ec2_world: Ec2World):
+    faults = Faults(ec2_world.ec2)
+    faults.lose_answer("CreateVolume")  # EC2 created it; the worker saw a 500 and retries
+    root, _ = pair(ec2_world)
+    root.create()
+    try:
+        assert faults.count("CreateVolume") == 2
+        mine = ec2_world.ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_BUILD}", "Values": ["b1"]}])
+        assert [v["VolumeId"] for v in mine["Volumes"]] == [root.id]
+    finally:
+        root.release()

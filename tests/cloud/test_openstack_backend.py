@@ -231,6 +231,34 @@ def test_supplied_volumes_are_wiped_used_and_kept(
     assert len(openstack_fake.resources()["volumes"]) == 2
 
 
+def test_supplied_volume_attached_to_another_server_is_refused_untouched(
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
+) -> None:
+    conn = backend_for(emu, tmp_path).api.conn
+    root = conn.block_storage.create_volume(size=1, name="obs-root")
+    swap = conn.block_storage.create_volume(size=1, name="obs-swap")
+    emu.guest = None  # the other server is no builder of ours
+    other = conn.compute.create_server(
+        name="someone-else", flavor_id="2", networks="none", image_id=openstack_fake.cloud.images[0].id
+    )
+    openstack_fake.settle()
+    conn.compute.create_volume_attachment(other, volume_id=swap.id)
+    openstack_fake.settle()
+    with open(emu.image(swap.id), "r+b") as f:
+        f.write(b"the other server's data")
+    emu.guest = EMULATION_GUEST
+    outcome, _ = build(emu, tmp_path, vm_volume_root="obs-root", vm_volume_swap="obs-swap")
+    assert outcome.exit_code == ExitCode.INFRA
+    assert f"attached to server {other.id}" in outcome.message and "must be free" in outcome.message
+    assert emu.booted == []
+    assert openstack_fake.volume(swap.id).attached_to[0] == other.id  # not taken away
+    assert emu.image(swap.id).read_bytes()[:23] == b"the other server's data"  # never wiped
+    conn.compute.delete_server(other)
+    openstack_fake.settle()
+    for volume in (root, swap):
+        conn.block_storage.delete_volume(volume)
+
+
 def test_unknown_supplied_volume_is_a_usage_error(emu: Emulation, tmp_path: Path) -> None:
     outcome, _ = build(emu, tmp_path, vm_volume_root="nosuchvolume", vm_volume_swap="nosuchswap")
     assert outcome.exit_code == ExitCode.BUILD_FAILED

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore
 import pytest
 
 from cloudbuild import retry
@@ -124,9 +125,33 @@ class Aws:
         )
 
 
+def honour_client_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EC2 answers a CreateVolume whose ClientToken it has seen with the volume that call created
+    (idempotency); moto ignores the token and creates another. Taught here, on moto's response
+    class (the server runs in this process), so a lost create answer can be tested."""
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.elastic_block_store import ElasticBlockStore
+
+    real = ElasticBlockStore.create_volume
+    created: dict[str, str] = {}  # token -> volume id; moto is reset per test, so is this
+
+    def create_volume(self: Any) -> Any:
+        token = self._get_param("ClientToken")
+        volume = self.ec2_backend.volumes.get(created.get(token, "")) if token else None
+        if volume is not None:
+            return ActionResult(volume)
+        result = real(self)
+        if token:
+            created[token] = result.result.id
+        return result
+
+    monkeypatch.setattr(ElasticBlockStore, "create_volume", create_volume)
+
+
 @pytest.fixture(name="aws")
 def aws_fixture(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     reset_moto(moto_server)
+    honour_client_tokens(monkeypatch)
     for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -513,6 +538,27 @@ class Faults:
                 "ResponseMetadata": {"HTTPStatusCode": status},
             }
             return _Http(status), body
+
+        self.ec2.meta.events.register(f"before-call.ec2.{op}", handler)
+
+    def lose_answer(self, op: str, code: str = "InternalError", times: int = 1) -> None:
+        """The next `times` calls of `op` reach EC2 and take effect, but the answer is lost: the
+        caller sees `code` (a 500) and retries the same request."""
+        left = [times]
+        raw = boto3.client("ec2", region_name=REGION, endpoint_url=self.ec2.meta.endpoint_url)
+        method = getattr(raw, botocore.xform_name(op))
+
+        def handler(**kwargs: Any) -> Any:
+            if left[0] <= 0:
+                return None
+            left[0] -= 1
+            params = next(p for name, p in reversed(self.params) if name == op)
+            method(**params)  # EC2 did it ...
+            body = {  # ... and the answer never arrived
+                "Error": {"Code": code, "Message": f"injected {code} after the call took effect"},
+                "ResponseMetadata": {"HTTPStatusCode": 500},
+            }
+            return _Http(500), body
 
         self.ec2.meta.events.register(f"before-call.ec2.{op}", handler)
 

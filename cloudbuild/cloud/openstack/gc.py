@@ -93,6 +93,8 @@ def gc_adapter(*, api: Api | None = None, metadata_url: str | None = None) -> Op
     try:
         local: str | None = worker_server_id(None, url=metadata_url, deadline=5.0)
     except CloudbuildError as exc:
-        log.info("gc runs off a worker (no metadata service): dead owners and expired leases only", error=str(exc))
+        log.info(
+            "gc runs off a worker (no metadata service): dead owners and expired leases only", error=str(exc)
+        )
         local = None
     return OpenStackGc(api or Api(connect()), local_worker=local)

@@ -207,15 +207,16 @@ class CinderVolume(Volume):
         )
         if found is None:
             raise UsageError(f"--vm-volumes: no volume named or with id '{ref}' in this project")
-        self._id = str(found.id)
-        self.log = self.log.bind(volume=self._id)
         snap = Snapshot.of(found, self.worker)
         foreign = [s for s in snap.attached_to if s != self.worker]
         if foreign:
+            # refused before it became ours: the cleanup's release() must not detach it from them
             raise InfraError(
-                f"supplied volume {ref} ({self._id}) is attached to server {', '.join(foreign)}; "
+                f"supplied volume {ref} ({found.id}) is attached to server {', '.join(foreign)}; "
                 "it must be free before a build uses it"
             )
+        self._id = str(found.id)
+        self.log = self.log.bind(volume=self._id)
         self.log.info("using supplied volume", status=snap.status)
 
     def attach(self, host: str | None = None) -> Path | None:
