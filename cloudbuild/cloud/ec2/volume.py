@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -379,21 +379,15 @@ class EbsVolume(Volume):
         super().release()
 
 
-def attach_all(
-    volumes: Sequence[EbsVolume], host: str, *, meanwhile: Callable[[], object] | None = None
-) -> None:
+def attach_all(volumes: Sequence[EbsVolume], host: str) -> None:
     """Attach volumes to another machine (the builder): every request first, then the waits, so
-    the attachments progress together; `meanwhile` runs between the requests and the waits (a
-    pool builder is started while its volumes attach: its boot hook waits for them anyway).
-    A volume that flips back gets one more attach of its own."""
+    the attachments progress together. A volume that flips back gets one more attach of its own."""
     requested: list[EbsVolume] = []
     for volume in volumes:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._prepare_attach(host):
                 volume._request_attach(host)
                 requested.append(volume)
-    if meanwhile is not None:
-        meanwhile()
     for volume in requested:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._wait_attached(host):
