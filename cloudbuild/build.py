@@ -154,12 +154,12 @@ class Orchestrator:
         pair = self.pair
         swap_channel = self.backend.channel == "swap"
         with self.phase("prepare", limits.prepare) as deadline:
-            root_dev = self._attach(pair.root)
+            root_dev = self._attach(pair.root, first_use=True)
             self.steps.prepare_root(root_dev, self.backend, deadline)
             if swap_channel:
                 pair.root.detach()
                 if pair.swap is not None:
-                    self.steps.reset_swap(self._attach(pair.swap), deadline)
+                    self.steps.reset_swap(self._attach(pair.swap, first_use=True), deadline)
                     pair.swap.detach()
         with self.phase("boot", limits.boot) as deadline:
             # an earlier build's `cloudbuild kill` in a kept --root must not make this one "killed";
@@ -184,11 +184,15 @@ class Orchestrator:
         if status == 2:
             raise Unchanged("the build result is unchanged")
 
-    def _attach(self, volume: Volume) -> Path:
+    def _attach(self, volume: Volume, *, first_use: bool = False) -> Path:
+        """Attach here; on first use, a supplied volume (not ours) is wiped of what an earlier
+        user left on it, here and only here, for every backend."""
         with bound(volume=volume.id, role=volume.role.value):
             device = volume.attach()
-        if device is None:
-            raise InfraError(f"{volume!r}: attach to this worker returned no device")
+            if device is None:
+                raise InfraError(f"{volume!r}: attach to this worker returned no device")
+            if first_use and not volume.owned:
+                volume.wipe(device)
         return device
 
     def _status(self, result: BootResult, pair: VolumePair, seconds: float) -> int:

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from cloudbuild import log as cblog
 from cloudbuild.cloud.common import DEFAULT_MIN_AGE, GcAdapter, sweep
 from cloudbuild.errors import ExitCode, UsageError
-
-CLOUDS = ("ec2", "openstack")
+from cloudbuild.options import CLOUD_VM_TYPES
 
 
 def _min_age(text: str) -> float:
@@ -38,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
             "first saw it leaked (that one only marks it). Untagged resources are never touched."
         ),
     )
-    p.add_argument("--vm-type", required=True, choices=CLOUDS, help="the cloud to sweep")
+    p.add_argument("--vm-type", required=True, choices=CLOUD_VM_TYPES, help="the cloud to sweep")
     p.add_argument("--dry-run", action="store_true", help="log the decisions, change nothing")
     p.add_argument(
         "--min-age",
@@ -53,9 +52,9 @@ def parser() -> argparse.ArgumentParser:
 
 def adapter_for(vm_type: str) -> GcAdapter:
     """The GC adapter of a cloud: `cloudbuild.cloud.<vm_type>.gc.gc_adapter()`."""
-    if vm_type not in CLOUDS:
+    if vm_type not in CLOUD_VM_TYPES:
         raise UsageError(
-            f"gc: --vm-type {vm_type} has no cloud resources to sweep (choose {', '.join(CLOUDS)})"
+            f"gc: --vm-type {vm_type} has no cloud resources to sweep (choose {', '.join(CLOUD_VM_TYPES)})"
         )
     module = importlib.import_module(f"cloudbuild.cloud.{vm_type}.gc")
     factory: Callable[[], GcAdapter] | None = getattr(module, "gc_adapter", None)

@@ -50,8 +50,8 @@ def work_folders(options: cboptions.VmOptions, build_id: str) -> list[Path]:
 
 def _local_path(volume: Volume) -> Path | None:
     """The swap's path when it is a file or device right here (no attach needed), else None."""
-    path = getattr(volume, "path", None)
-    if isinstance(path, Path) and path.exists() and not path.is_dir():
+    path = volume.local_path
+    if path is not None and path.exists() and not path.is_dir():
         return path
     return None
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from cloudbuild.backend import BuildSlot
+from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.common import parse_time
 from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.volume import EbsVolume
@@ -17,12 +18,16 @@ from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_S
 from tests.fakes.moto_server import (  # noqa: F401 - fixtures
     FAST,
     ZONE,
+    BuilderRun,
     Ec2World,
+    FakeHostSteps,
     Faults,
+    ListConsole,
     aws_fixture,
     console_from_emulator_fixture,
     ec2_leftovers_fixture,
     ec2_world_fixture,
+    fake_build,
     moto_backend,
     moto_server_fixture,
 )
@@ -276,25 +281,30 @@ def test_stuck_detach_is_forced(ec2_world: Ec2World):
 
 def test_supplied_volumes_are_wiped_before_use_and_never_deleted(ec2_world: Ec2World):
     ids = [ec2_world.ec2.create_volume(AvailabilityZone=ZONE, Size=1)["VolumeId"] for _ in range(2)]
+    residue = 256 * 1024  # past what the fake host steps and the fake build write
     for vid in ids:  # a previous build's residue
-        image = ec2_world.emulator.image(vid)
-        with open(image, "r+b") as f:
+        with open(ec2_world.emulator.image(vid), "r+b") as f:
+            f.seek(residue)
             f.write(b"OLD BUILD RESIDUE")
-    root, swap = pair(ec2_world, vm_volume_root=ids[0], vm_volume_swap=ids[1])
-    assert not root.owned and root.id == ids[0]
-    root.create()  # verifies it exists in this zone
-    device = root.attach()
-    assert device is not None
-    with open(device, "r+b") as f:
-        assert f.read(17) == b"\0" * 17
-        f.seek(0)
-        f.write(b"THIS BUILD")
-    root.release()
-    swap.release()
+    seen: list[bytes] = []
+
+    def play(run: BuilderRun) -> None:
+        for image in (run.root_image, run.swap_image):
+            with open(image, "rb") as f:
+                f.seek(residue)
+                seen.append(f.read(17))
+        fake_build(0)(run)
+
+    ec2_world.emulator.play = play
+    job = BuildJob("b1", ec2_world.tmp / "dest", ec2_world.tmp / "work")
+    backend = ec2_world.backend(vm_volume_root=ids[0], vm_volume_swap=ids[1])
+    outcome = run_build(job, backend, FakeHostSteps(), ListConsole())
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert seen == [b"\0" * 17] * 2  # the builder never saw the residue
     remaining = {v["VolumeId"] for v in ec2_world.ec2.describe_volumes(VolumeIds=ids)["Volumes"]}
     assert remaining == set(ids)
     with open(ec2_world.images / f"{ids[0]}.img", "rb") as f:
-        assert f.read(10) == b"\0" * 10  # wiped at release
+        assert f.read(4) == b"\0" * 4  # this build's root wiped again at release
     for vid in ids:
         ec2_world.ec2.delete_volume(VolumeId=vid)
 

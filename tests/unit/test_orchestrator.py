@@ -270,6 +270,18 @@ def test_supplied_volumes_are_detached_but_never_deleted(tmp_path: Path, failure
     world.assert_nothing_left()
 
 
+def test_supplied_volumes_are_wiped_once_here_before_their_first_use(tmp_path: Path) -> None:
+    world = World(tmp_path, supplied=(Role.ROOT, Role.SWAP))
+    assert world.run().exit_code == ExitCode.OK
+    events = world.events
+    assert [e for e in events if e.startswith("wipe")] == ["wipe:root", "wipe:swap"]
+    assert events.index("attach@worker:root") < events.index("wipe:root") < events.index("prepare_root")
+    assert events.index("attach@worker:swap") < events.index("wipe:swap") < events.index("reset_swap")
+    owned = World(tmp_path / "owned")
+    assert owned.run().exit_code == ExitCode.OK
+    assert not any(e.startswith("wipe") for e in owned.events)  # our own new volumes hold nothing
+
+
 def test_a_supplied_root_with_an_owned_swap(tmp_path: Path) -> None:
     world = World(tmp_path, supplied=(Role.ROOT,))
     assert world.run().exit_code == ExitCode.OK

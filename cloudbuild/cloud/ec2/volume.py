@@ -1,8 +1,8 @@
 """EbsVolume: one EBS volume of a build, and attaching several at once.
 
 Created in the worker's zone (gp3, encrypted, tagged) or supplied (`--vm-volumes`: wiped before
-and after use, never deleted). Attach picks a device name under the host lock and resolves the
-real node by volume id (`ec2_nvme`); waits are `retry.wait_for` with the deadlines of `Ec2Limits`.
+use by the orchestrator and after use here, never deleted). Attach picks a device name under the host lock and resolves the
+real node by volume id (`devices.py`); waits are `retry.wait_for` with the deadlines of `Ec2Limits`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ class EbsVolume(Volume):
         self._id = volume_id
         self._client_token = client_token
         self._device_name: str | None = None  # the name EC2 attached it under, on the current machine
-        self._wiped = False
         self._creating = False
         self._attach_requested = 0.0
         self.partner: EbsVolume | None = None  # the other volume of the build's pair
@@ -188,8 +187,6 @@ class EbsVolume(Volume):
                 return None
             node = self._local_node()
             self.ctx.health.ok()
-            if not self.owned and not self._wiped:
-                self.wipe(node)
             return node
 
     def _prepare_attach(self, target: str) -> bool:
@@ -358,7 +355,6 @@ class EbsVolume(Volume):
                     timeout=timeout,
                 )
                 log.info("volume wiped (image file, holes punched)")
-        self._wiped = True
 
     def release(self) -> None:
         """Detach (and delete what we own); a supplied volume still attached here is wiped first.

@@ -85,7 +85,6 @@ class CinderVolume(Volume):
         self.dev_root = dev_root
         self.health = health  # None: stuck operations are not counted against a worker (gc)
         self._id: str | None = None
-        self._wiped = False
         self._stuck_counted = False
         self.log = log.bind(role=role.value)
 
@@ -237,9 +236,6 @@ class CinderVolume(Volume):
             max_interval=1.0,
         )
         self.log.info("volume attached here", device=str(device))
-        if not self.owned and not self._wiped:
-            self.wipe(device)
-            self._wiped = True
         return device
 
     def _attach_to(self, server: str) -> Snapshot:
