@@ -1,8 +1,6 @@
 """pytest fixtures around the fake OpenStack cloud (tests/fakes/openstack.py).
 
-A test module loads them with (a plain import would trip ruff's F811 on every fixture argument)::
-
-    pytest_plugins = ["tests.cloud.openstack_fixtures"]
+tests/conftest.py loads them as a plugin for every test module.
 
 None of them is autouse (a plugin's fixtures are visible to every test). A module that runs the
 backend against the emulated worker host asks for them with

@@ -34,24 +34,16 @@ from cloudbuild.options import parse
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, VolumeState
 from tests.cloud.example_cloud import ExampleBackend, ExampleCloud, ExampleGc, QuotaExceeded, Throttled
 from tests.cloud.openstack_emulation import Emulation, make_backend
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+from tests.fakes.moto_server import (
     ZONE,
     BuilderRun,
     Ec2World,
     FakeHostSteps,
     Faults,
     ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
     fake_build,
-    leftovers,
-    moto_server_fixture,
 )
 from tests.fakes.openstack import FakeOpenStack
-
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 
 BUILD_TIMEOUT = 600.0
 

@@ -25,15 +25,10 @@ from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import Role, VolumePair
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+from tests.fakes.moto_server import (
     BuilderRun,
     Ec2World,
     ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
-    moto_server_fixture,
 )
 from tests.vm.localbuild import recipe as write_recipe
 

@@ -13,20 +13,15 @@ from cloudbuild.cloud.common import TAG_POOL, parse_time, utcnow
 from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.errors import ExitCode
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+from tests.fakes.moto_server import (
     FAST,
     BuilderRun,
     Ec2World,
     FakeHostSteps,
     Faults,
     ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
     fake_build,
     moto_backend,
-    moto_server_fixture,
 )
 
 

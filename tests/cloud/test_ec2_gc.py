@@ -18,16 +18,11 @@ from cloudbuild.cloud.common import TAG_GC_SEEN, build_tags, lease_expiry
 from cloudbuild.cloud.ec2.api import Ec2Api, ec2_tags
 from cloudbuild.cloud.ec2.gc import Ec2GcAdapter
 from cloudbuild.commands import gc
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+from tests.fakes.moto_server import (
     ZONE,
     BuilderRun,
     Ec2World,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
     leftovers,
-    moto_server_fixture,
     register_ami,
 )
 

@@ -15,7 +15,7 @@ from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.volume import EbsVolume
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+from tests.fakes.moto_server import (
     FAST,
     ZONE,
     BuilderRun,
@@ -23,13 +23,8 @@ from tests.fakes.moto_server import (  # noqa: F401 - fixtures
     FakeHostSteps,
     Faults,
     ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
     fake_build,
     moto_backend,
-    moto_server_fixture,
 )
 
 

@@ -35,7 +35,6 @@ from tests.fakes.openstack import FakeOpenStack, FakeVolume
 
 # fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
 # cloud and nothing is attached here (tests/cloud/openstack_fixtures.py).
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")
 EMULATION_GUEST = scripted_guest(0)
 

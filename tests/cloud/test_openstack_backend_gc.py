@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 # fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
 # cloud (tests/cloud/openstack_fixtures.py). No builder runs a guest here.
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")
 EMULATION_JOIN_TIMEOUT = 10.0
 

@@ -29,7 +29,6 @@ from tests.vm.localbuild import recipe as write_recipe
 
 # fast_sleeps, and emu: afterwards the guest ended without crashing, no cloudbuild-tagged server or
 # volume is left in the cloud and nothing is attached here (tests/cloud/openstack_fixtures.py).
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.usefixtures("fast_sleeps", "emu")]
 EMULATION_GUEST = qemu_guest(timeout=600)
 EMULATION_JOIN_TIMEOUT = 700.0

@@ -9,14 +9,13 @@
   and a `HostEmulator` thread that plays udev (a by-id link to an image file for every EBS volume
   attached to the worker) and the builder instance (when a builder runs with both volumes
   attached, `play` runs the build on their image files, then the instance stops in moto).
-- `ec2_leftovers` (autouse where imported): after every test, no cloudbuild-tagged volume,
+- `ec2_leftovers` (autouse; checks only tests that used moto): after every test, no cloudbuild-tagged volume,
   instance, snapshot or image may be left in moto, except a warm pool the test asked for.
 
 moto makes every transition instant; tests inject slowness and faults with botocore event hooks on
 the client they hand to the code, or by patching moto's backend here, never in the package.
 
-Test modules import the fixture functions by their `*_fixture` names
-(`from tests.fakes.moto_server import aws_fixture, ...  # noqa: F401`).
+tests/conftest.py loads this module as a plugin: tests ask for the fixtures by name.
 """
 
 from __future__ import annotations
