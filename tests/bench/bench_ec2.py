@@ -248,7 +248,8 @@ def recording(ec2: Any) -> Iterator[Recording]:
 
 def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
     from cloudbuild.build import BuildJob, run_build
-    from tests.fakes.moto_server import FakeHostSteps, ListConsole
+    from tests.fakes.console import RecordingConsole
+    from tests.fakes.moto_server import FakeHostSteps
 
     backend = world.backend(ec2_pool=pool, limits=_limits())
     with recording(world.ec2) as rec:
@@ -256,7 +257,7 @@ def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
             BuildJob(build_id, world.tmp / f"dest-{build_id}", world.tmp / f"work-{build_id}"),
             backend,
             FakeHostSteps(),
-            ListConsole(),
+            RecordingConsole(),
         )
     if outcome.exit_code != 0:
         raise SystemExit(f"bench build {build_id} failed: {outcome.message}")

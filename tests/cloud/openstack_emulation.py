@@ -144,16 +144,6 @@ FAST = Timeouts(
 """Deadlines and poll intervals for tests: every wait of a test build ends within seconds."""
 
 
-class Sink:
-    """A console sink that keeps everything."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
 class Steps:
     """Host steps that mark the root and read the status the guest left on swap (no mkfs)."""
 
@@ -177,7 +167,12 @@ def make_backend(
     metadata_base: str, dev_root: Path, state_dir: Path, *, timeouts: Timeouts = FAST, **options: Any
 ) -> OpenStackBackend:
     """The backend as a worker builds it, pointed at the fake's metadata service and our /dev."""
-    defaults: dict[str, Any] = {"vm_type": "openstack", "vm_kernel": "cirros", "disk_size": 1024, "swap_size": 1024}
+    defaults: dict[str, Any] = {
+        "vm_type": "openstack",
+        "vm_kernel": "cirros",
+        "disk_size": 1024,
+        "swap_size": 1024,
+    }
     return OpenStackBackend(
         VmOptions(**(defaults | options)),
         timeouts=timeouts,

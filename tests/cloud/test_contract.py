@@ -34,15 +34,8 @@ from cloudbuild.options import parse
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, VolumeState
 from tests.cloud.example_cloud import ExampleBackend, ExampleCloud, ExampleGc, QuotaExceeded, Throttled
 from tests.cloud.openstack_emulation import Emulation, make_backend
-from tests.fakes.moto_server import (
-    ZONE,
-    BuilderRun,
-    Ec2World,
-    FakeHostSteps,
-    Faults,
-    ListConsole,
-    fake_build,
-)
+from tests.fakes.console import RecordingConsole
+from tests.fakes.moto_server import ZONE, BuilderRun, Ec2World, FakeHostSteps, Faults, fake_build
 from tests.fakes.openstack import FakeOpenStack
 
 BUILD_TIMEOUT = 600.0
@@ -274,7 +267,7 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
 
 def build(cloud: Harness, tmp: Path, build_id: str = "b1") -> BuildOutcome:
     job = BuildJob(build_id, tmp / f"dest-{build_id}", tmp / f"work-{build_id}")
-    return run_build(job, cloud.backend(), FakeHostSteps(), ListConsole())
+    return run_build(job, cloud.backend(), FakeHostSteps(), RecordingConsole())
 
 
 # -- the contract -------------------------------------------------------------------------------------------

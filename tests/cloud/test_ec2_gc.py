@@ -132,13 +132,14 @@ from cloudbuild.cloud.ec2.backend import Ec2Backend
 from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.devices import HostPaths
 from cloudbuild.options import VmOptions
-from tests.fakes.moto_server import FakeHostSteps, ListConsole
+from tests.fakes.console import RecordingConsole
+from tests.fakes.moto_server import FakeHostSteps
 
 tmp, ami = Path(sys.argv[1]), sys.argv[2]
 options = VmOptions(vm_type="ec2", ec2_builder_ami=ami, disk_size=1024, swap_size=1024)
 limits = Ec2Limits(poll=0.01, poll_max=0.05)
 backend = Ec2Backend(options, paths=HostPaths(tmp / "dev", tmp / "sys"), limits=limits)  # identity: IMDS
-run_build(BuildJob("killed-build", tmp / "dest", tmp / "work"), backend, FakeHostSteps(), ListConsole())
+run_build(BuildJob("killed-build", tmp / "dest", tmp / "work"), backend, FakeHostSteps(), RecordingConsole())
 """
 
 

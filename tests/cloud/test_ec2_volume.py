@@ -15,6 +15,7 @@ from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.volume import EbsVolume
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
+from tests.fakes.console import RecordingConsole
 from tests.fakes.moto_server import (
     FAST,
     ZONE,
@@ -22,7 +23,6 @@ from tests.fakes.moto_server import (
     Ec2World,
     FakeHostSteps,
     Faults,
-    ListConsole,
     fake_build,
     moto_backend,
 )
@@ -293,7 +293,7 @@ def test_supplied_volumes_are_wiped_before_use_and_never_deleted(ec2_world: Ec2W
     ec2_world.emulator.play = play
     job = BuildJob("b1", ec2_world.tmp / "dest", ec2_world.tmp / "work")
     backend = ec2_world.backend(vm_volume_root=ids[0], vm_volume_swap=ids[1])
-    outcome = run_build(job, backend, FakeHostSteps(), ListConsole())
+    outcome = run_build(job, backend, FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.OK, outcome.message
     assert seen == [b"\0" * 17] * 2  # the builder never saw the residue
     remaining = {v["VolumeId"] for v in ec2_world.ec2.describe_volumes(VolumeIds=ids)["Volumes"]}

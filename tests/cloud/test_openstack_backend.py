@@ -30,7 +30,8 @@ from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.cloud.openstack_emulation import FAST, Emulation, Sink, Steps, make_backend, scripted_guest
+from tests.cloud.openstack_emulation import FAST, Emulation, Steps, make_backend, scripted_guest
+from tests.fakes.console import RecordingConsole
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
 
 # fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
@@ -43,8 +44,8 @@ def backend_for(emu: Emulation, tmp_path: Path, **options: Any) -> OpenStackBack
     return make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", **options)
 
 
-def build(emu: Emulation, tmp_path: Path, **options: Any) -> tuple[Any, Sink]:
-    sink = Sink()
+def build(emu: Emulation, tmp_path: Path, **options: Any) -> tuple[Any, RecordingConsole]:
+    sink = RecordingConsole()
     job = BuildJob(build_id="b1", dest=tmp_path / "out", workdir=tmp_path / "work")
     outcome = run_build(job, backend_for(emu, tmp_path, **options), Steps(), sink)
     return outcome, sink
@@ -330,7 +331,7 @@ def test_api_down_for_longer_than_the_retry_deadline_is_exit_3(
     backend = backend_for(emu, tmp_path)
     backend.api.policy = cloudbuild.retry.Policy(deadline=1, initial=0.01, maximum=0.01, attempts=3)
     openstack_fake.inject("POST", r"/volume/v3/[^/]+/volumes$", status=503, times=10)
-    sink = Sink()
+    sink = RecordingConsole()
     outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), sink)
     assert outcome.exit_code == ExitCode.INFRA
     assert "kept failing" in outcome.message
@@ -391,7 +392,7 @@ def test_build_timeout_kills_the_builder_and_is_exit_3(emu: Emulation, tmp_path:
         e.fake.append_console(server_id, "stuck forever\n")
 
     emu.guest = guest
-    sink = Sink()
+    sink = RecordingConsole()
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
     job = BuildJob(job.build_id, job.dest, job.workdir, limits=type(job.limits)(boot=1.0))
     outcome = run_build(job, backend_for(emu, tmp_path), Steps(), sink)
@@ -433,7 +434,9 @@ def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
     for attempt, expected in ((1, ExitCode.INFRA), (2, ExitCode.HOST_BROKEN)):
         emu.on_volume = _stuck_on_first_attach("attaching")
         backend = backend_for(emu, tmp_path)
-        outcome = run_build(BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+        outcome = run_build(
+            BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"), backend, Steps(), RecordingConsole()
+        )
         assert outcome.exit_code == expected, outcome.message
         assert "stuck in 'attaching'" in outcome.message
         _unstick(openstack_fake, backend.api, [v.id for v in openstack_fake.cloud.volumes.values()])
@@ -450,7 +453,9 @@ def test_volume_stuck_detaching_is_exit_3(
 ) -> None:
     emu.on_volume = _stuck_on_first_attach("detaching")
     backend = backend_for(emu, tmp_path)
-    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+    outcome = run_build(
+        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), RecordingConsole()
+    )
     assert outcome.exit_code == ExitCode.INFRA
     assert "stuck in 'detaching'" in outcome.message
     _unstick(openstack_fake, backend.api, [v.id for v in openstack_fake.cloud.volumes.values()])
@@ -503,7 +508,9 @@ def _build_in_background(emu: Emulation, tmp_path: Path, backend: OpenStackBacke
     results: list[Any] = []
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
     job.workdir.mkdir(exist_ok=True)
-    thread = threading.Thread(target=lambda: results.append(run_build(job, backend, Steps(), Sink())))
+    thread = threading.Thread(
+        target=lambda: results.append(run_build(job, backend, Steps(), RecordingConsole()))
+    )
     thread.start()
     wait_for(lambda: bool(emu.booted), what="the builder to boot", timeout=30, interval=0.02)
     return thread, results
@@ -595,7 +602,9 @@ def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
     emu.guest = guest
     timeouts = dataclasses.replace(FAST, delete=1)
     backend = make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", timeouts=timeouts)
-    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+    outcome = run_build(
+        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), RecordingConsole()
+    )
     assert outcome.exit_code == ExitCode.INFRA
     assert "deleted" in outcome.message
     left = emu.tagged()

@@ -22,6 +22,7 @@ from cloudbuild.cloud.openstack.identity import worker_server_id
 from cloudbuild.cloud.openstack.volume import size_gib
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.runner import run
+from tests.fakes.console import RecordingConsole
 
 VOLUME_ID = "3f1c2a9e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
 
@@ -53,16 +54,8 @@ class Log:
         return "".join(lines if length is None else lines[-length:] if length else [])
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
-def stream(log: Log) -> tuple[ConsoleStream, Sink]:
-    sink = Sink()
+def stream(log: Log) -> tuple[ConsoleStream, RecordingConsole]:
+    sink = RecordingConsole()
     return ConsoleStream(log.tail, sink), sink
 
 

@@ -24,7 +24,8 @@ from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions
-from tests.cloud.openstack_emulation import FAST, Emulation, Sink, make_backend, qemu_guest
+from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, qemu_guest
+from tests.fakes.console import RecordingConsole
 from tests.vm.localbuild import recipe as write_recipe
 
 # fast_sleeps, and emu: afterwards the guest ended without crashing, no cloudbuild-tagged server or
@@ -58,7 +59,7 @@ def test_a_real_build_on_an_emulated_openstack_builder(emu: Emulation, tmp_path:
     workdir = tmp_path / "work"
     workdir.mkdir()
     steps = DiskHostSteps(options, recipe, build_id="e2e", workdir=workdir)
-    sink = Sink()
+    sink = RecordingConsole()
     job = BuildJob("e2e", dest, workdir, limits=PhaseLimits(boot=900))
     outcome = run_build(job, backend, steps, sink)
     log = sink.data.decode(errors="replace")

@@ -398,18 +398,6 @@ class FakeHostSteps:
             (dest / "result").write_bytes(f.read(64).rstrip(b"\0"))
 
 
-class ListConsole:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    @property
-    def text(self) -> bytes:
-        return b"".join(self.chunks)
-
-
 @dataclass
 class Ec2World:
     aws: Aws

@@ -14,7 +14,8 @@ from cloudbuild.build import BuildJob, BuildOutcome, Orchestrator, PhaseLimits, 
 from cloudbuild.errors import DeadlineExceeded, ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.runner import CommandError
 from cloudbuild.volume import Role, VolumeState
-from tests.fakes.memory import Faults, Ledger, MemoryBackend, MemoryConsole, MemorySteps
+from tests.fakes.console import RecordingConsole
+from tests.fakes.memory import Faults, Ledger, MemoryBackend, MemorySteps
 
 PHASES = ["verify", "volumes", "prepare", "boot", "status", "extract", "cleanup"]
 
@@ -35,7 +36,7 @@ class World:
         self.faults = Faults(faults)
         self.backend = MemoryBackend(ledger=self.ledger, faults=self.faults, result=result, **backend_options)  # type: ignore[arg-type]
         self.steps = MemorySteps(self.ledger, self.faults, status=status)
-        self.console = MemoryConsole()
+        self.console = RecordingConsole()
         self.job = BuildJob(build_id="b1", dest=tmp_path / "dest", workdir=tmp_path / "work", slot=2)
 
     def run(self) -> BuildOutcome:
