@@ -249,7 +249,7 @@ def recording(ec2: Any) -> Iterator[Recording]:
 def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
     from cloudbuild.build import BuildJob, run_build
     from tests.fakes.console import RecordingConsole
-    from tests.fakes.moto_server import FakeHostSteps
+    from tests.fakes.hoststeps import FakeHostSteps
 
     backend = world.backend(ec2_pool=pool, limits=_limits())
     with recording(world.ec2) as rec:

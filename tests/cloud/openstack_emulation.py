@@ -25,12 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudbuild.backend import Backend
 from cloudbuild.cloud.openstack.api import Timeouts
 from cloudbuild.cloud.openstack.backend import OpenStackBackend
-from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
-from cloudbuild.disk.image import zero_head
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import Role, VolumePair
 from tests.fakes.openstack import Bdm, FakeOpenStack, FakeServer, FakeVolume
@@ -142,25 +139,6 @@ FAST = Timeouts(
     volume_ready=10, attach=2, detach=2, device=2, delete=10, poll=0.01, poll_max=0.05, console=0.02
 )
 """Deadlines and poll intervals for tests: every wait of a test build ends within seconds."""
-
-
-class Steps:
-    """Host steps that mark the root and read the status the guest left on swap (no mkfs)."""
-
-    def prepare_root(self, device: Path, backend: Backend, deadline: Deadline) -> None:
-        with open(device, "r+b") as f:
-            f.write(b"ROOT")
-
-    def reset_swap(self, device: Path, deadline: Deadline) -> None:
-        zero_head(device)
-
-    def read_status(self, device: Path) -> int | None:
-        return buildstatus.read(device)
-
-    def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
-        dest.mkdir(parents=True, exist_ok=True)
-        with open(root, "rb") as f:
-            (dest / "root-head").write_bytes(f.read(4))
 
 
 def make_backend(

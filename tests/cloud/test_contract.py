@@ -35,7 +35,8 @@ from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, VolumeState
 from tests.cloud.example_cloud import ExampleBackend, ExampleCloud, ExampleGc, QuotaExceeded, Throttled
 from tests.cloud.openstack_emulation import Emulation, make_backend
 from tests.fakes.console import RecordingConsole
-from tests.fakes.moto_server import ZONE, BuilderRun, Ec2World, FakeHostSteps, Faults, fake_build
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.fakes.moto_server import ZONE, BuilderRun, Ec2World, Faults, fake_build
 from tests.fakes.openstack import FakeOpenStack
 
 BUILD_TIMEOUT = 600.0

@@ -14,15 +14,8 @@ from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.errors import ExitCode
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE
 from tests.fakes.console import RecordingConsole
-from tests.fakes.moto_server import (
-    FAST,
-    BuilderRun,
-    Ec2World,
-    FakeHostSteps,
-    Faults,
-    fake_build,
-    moto_backend,
-)
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.fakes.moto_server import FAST, BuilderRun, Ec2World, Faults, fake_build, moto_backend
 
 
 def job(world: Ec2World, build_id: str = "b1", **limits: float) -> BuildJob:

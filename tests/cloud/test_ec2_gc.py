@@ -133,7 +133,7 @@ from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.devices import HostPaths
 from cloudbuild.options import VmOptions
 from tests.fakes.console import RecordingConsole
-from tests.fakes.moto_server import FakeHostSteps
+from tests.fakes.hoststeps import FakeHostSteps
 
 tmp, ami = Path(sys.argv[1]), sys.argv[2]
 options = VmOptions(vm_type="ec2", ec2_builder_ami=ami, disk_size=1024, swap_size=1024)

@@ -16,16 +16,8 @@ from cloudbuild.cloud.ec2.volume import EbsVolume
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
 from tests.fakes.console import RecordingConsole
-from tests.fakes.moto_server import (
-    FAST,
-    ZONE,
-    BuilderRun,
-    Ec2World,
-    FakeHostSteps,
-    Faults,
-    fake_build,
-    moto_backend,
-)
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.fakes.moto_server import FAST, ZONE, BuilderRun, Ec2World, Faults, fake_build, moto_backend
 
 
 def pair(world: Ec2World, build_id: str = "b1", slot: int = 0, **changes: Any) -> tuple[EbsVolume, EbsVolume]:

@@ -30,8 +30,9 @@ from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.cloud.openstack_emulation import FAST, Emulation, Steps, make_backend, scripted_guest
+from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, scripted_guest
 from tests.fakes.console import RecordingConsole
+from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
 
 # fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
@@ -47,7 +48,7 @@ def backend_for(emu: Emulation, tmp_path: Path, **options: Any) -> OpenStackBack
 def build(emu: Emulation, tmp_path: Path, **options: Any) -> tuple[Any, RecordingConsole]:
     sink = RecordingConsole()
     job = BuildJob(build_id="b1", dest=tmp_path / "out", workdir=tmp_path / "work")
-    outcome = run_build(job, backend_for(emu, tmp_path, **options), Steps(), sink)
+    outcome = run_build(job, backend_for(emu, tmp_path, **options), FakeHostSteps(), sink)
     return outcome, sink
 
 
@@ -332,7 +333,7 @@ def test_api_down_for_longer_than_the_retry_deadline_is_exit_3(
     backend.api.policy = cloudbuild.retry.Policy(deadline=1, initial=0.01, maximum=0.01, attempts=3)
     openstack_fake.inject("POST", r"/volume/v3/[^/]+/volumes$", status=503, times=10)
     sink = RecordingConsole()
-    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), sink)
+    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), sink)
     assert outcome.exit_code == ExitCode.INFRA
     assert "kept failing" in outcome.message
     openstack_fake.faults.clear()
@@ -395,7 +396,7 @@ def test_build_timeout_kills_the_builder_and_is_exit_3(emu: Emulation, tmp_path:
     sink = RecordingConsole()
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
     job = BuildJob(job.build_id, job.dest, job.workdir, limits=type(job.limits)(boot=1.0))
-    outcome = run_build(job, backend_for(emu, tmp_path), Steps(), sink)
+    outcome = run_build(job, backend_for(emu, tmp_path), FakeHostSteps(), sink)
     assert outcome.exit_code == ExitCode.INFRA
     assert "deadline" in outcome.message
     assert b"stuck forever" in sink.data
@@ -435,7 +436,10 @@ def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
         emu.on_volume = _stuck_on_first_attach("attaching")
         backend = backend_for(emu, tmp_path)
         outcome = run_build(
-            BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"), backend, Steps(), RecordingConsole()
+            BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"),
+            backend,
+            FakeHostSteps(),
+            RecordingConsole(),
         )
         assert outcome.exit_code == expected, outcome.message
         assert "stuck in 'attaching'" in outcome.message
@@ -454,7 +458,7 @@ def test_volume_stuck_detaching_is_exit_3(
     emu.on_volume = _stuck_on_first_attach("detaching")
     backend = backend_for(emu, tmp_path)
     outcome = run_build(
-        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), RecordingConsole()
+        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), RecordingConsole()
     )
     assert outcome.exit_code == ExitCode.INFRA
     assert "stuck in 'detaching'" in outcome.message
@@ -509,7 +513,7 @@ def _build_in_background(emu: Emulation, tmp_path: Path, backend: OpenStackBacke
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
     job.workdir.mkdir(exist_ok=True)
     thread = threading.Thread(
-        target=lambda: results.append(run_build(job, backend, Steps(), RecordingConsole()))
+        target=lambda: results.append(run_build(job, backend, FakeHostSteps(), RecordingConsole()))
     )
     thread.start()
     wait_for(lambda: bool(emu.booted), what="the builder to boot", timeout=30, interval=0.02)
@@ -603,7 +607,7 @@ def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
     timeouts = dataclasses.replace(FAST, delete=1)
     backend = make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", timeouts=timeouts)
     outcome = run_build(
-        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), RecordingConsole()
+        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), RecordingConsole()
     )
     assert outcome.exit_code == ExitCode.INFRA
     assert "deleted" in outcome.message

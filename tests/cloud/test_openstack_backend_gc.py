@@ -199,10 +199,11 @@ import json, sys
 from pathlib import Path
 from cloudbuild.build import BuildJob, run_build
 from tests.fakes.console import RecordingConsole
-from tests.cloud.openstack_emulation import Steps, make_backend
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.cloud.openstack_emulation import make_backend
 cfg = json.loads(sys.argv[1])
 backend = make_backend(cfg["metadata"], Path(cfg["dev"]), Path(cfg["state"]))
-run_build(BuildJob("killed", Path(cfg["out"]), Path(cfg["work"])), backend, Steps(), RecordingConsole())
+run_build(BuildJob("killed", Path(cfg["out"]), Path(cfg["work"])), backend, FakeHostSteps(), RecordingConsole())
 """
 
 

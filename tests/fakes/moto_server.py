@@ -36,17 +36,15 @@ import botocore
 import pytest
 
 from cloudbuild import retry
-from cloudbuild.backend import Backend
 from cloudbuild.cloud.common import TAG_POOL
 from cloudbuild.cloud.ec2.api import Ec2Api, Ec2Limits, client
 from cloudbuild.cloud.ec2.backend import Ec2Backend
 from cloudbuild.cloud.ec2.devices import BY_ID_PREFIX, HostPaths, serial_of
 from cloudbuild.cloud.ec2.identity import WorkerIdentity
-from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
-from cloudbuild.disk.image import zero_head
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import TAG_BUILD, TAG_OWNER, TAG_ROLE
+from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.imds import FakeImds
 
 ACCOUNT = "123456789012"
@@ -365,37 +363,6 @@ def console_from_emulator_fixture(monkeypatch: pytest.MonkeyPatch) -> Callable[[
         monkeypatch.setattr(General, "get_console_output", get_console_output)
 
     return install
-
-
-class FakeHostSteps:
-    """Host steps without filesystems: mark the root as staged, read status, copy the result out."""
-
-    STAGED = b"STAGED-ROOT\n"
-    RESULT_OFFSET = 4096
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def prepare_root(self, device: Path, backend: Backend, deadline: Deadline) -> None:
-        self.calls.append("prepare_root")
-        with open(device, "r+b") as f:
-            f.write(self.STAGED)
-        backend.fixup(device)  # as DiskHostSteps does once the root is staged
-
-    def reset_swap(self, device: Path, deadline: Deadline) -> None:
-        self.calls.append("reset_swap")
-        zero_head(device)
-
-    def read_status(self, device: Path) -> int | None:
-        self.calls.append("read_status")
-        return buildstatus.read(device)
-
-    def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
-        self.calls.append("extract")
-        dest.mkdir(parents=True, exist_ok=True)
-        with open(root, "rb") as f:
-            f.seek(self.RESULT_OFFSET)
-            (dest / "result").write_bytes(f.read(64).rstrip(b"\0"))
 
 
 @dataclass
