@@ -30,6 +30,7 @@ from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.disk import buildstatus
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import Role, VolumePair
+from tests.fakes import timings
 from tests.fakes.openstack import Bdm, FakeOpenStack, FakeServer, FakeVolume
 
 GIB = 1024 * 1024 * 1024
@@ -135,10 +136,7 @@ def _tagged(metadata: dict[str, str]) -> bool:
 
 # -- the worker side of a test build -------------------------------------------------------------
 
-FAST = Timeouts(
-    volume_ready=10, attach=2, detach=2, device=2, delete=10, poll=0.01, poll_max=0.05, console=0.02
-)
-"""Deadlines and poll intervals for tests: every wait of a test build ends within seconds."""
+FAST = timings.OPENSTACK
 
 
 def make_backend(

@@ -35,7 +35,6 @@ import boto3
 import botocore
 import pytest
 
-from cloudbuild import retry
 from cloudbuild.cloud.common import TAG_POOL
 from cloudbuild.cloud.ec2.api import Ec2Api, Ec2Limits, client
 from cloudbuild.cloud.ec2.backend import Ec2Backend
@@ -44,6 +43,7 @@ from cloudbuild.cloud.ec2.identity import WorkerIdentity
 from cloudbuild.disk import buildstatus
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import TAG_BUILD, TAG_OWNER, TAG_ROLE
+from tests.fakes import timings
 from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.imds import FakeImds
 
@@ -51,21 +51,7 @@ ACCOUNT = "123456789012"
 REGION = "us-east-1"
 ZONE = "us-east-1a"
 
-FAST = Ec2Limits(
-    create=5.0,
-    attach=5.0,
-    detach=5.0,
-    device=5.0,
-    flip_grace=0.2,
-    running=5.0,
-    stop=5.0,
-    terminate=5.0,
-    poll=0.005,
-    poll_max=0.02,
-    console_poll_max=0.02,
-    broken_after=3,
-)
-"""Short waits for tests: moto is instant, a wait that runs out means the code is wrong."""
+FAST = timings.EC2
 
 
 def moto_backend() -> Any:
@@ -158,7 +144,7 @@ def aws_fixture(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_server)
     # retries and waits keep their logic, but tests do not sit out real backoff
-    monkeypatch.setattr(retry, "_sleep", lambda seconds: threading.Event().wait(min(seconds, 0.005)))
+    timings.cap_retry_sleeps(monkeypatch, 0.005)
     state = Aws(moto_server)
     _ACTIVE.append(state)
     return state
