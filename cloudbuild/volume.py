@@ -82,6 +82,12 @@ class Volume(abc.ABC):
     def state(self) -> VolumeState:
         """The current state as the backing store reports it."""
 
+    @property
+    def local_path(self) -> Path | None:
+        """The volume's file or device right here, usable without an attach (a local image);
+        None (the default) for a volume that must be attached first."""
+        return None
+
     def wipe(self, device: Path) -> None:  # noqa: B027 - optional hook, default is "nothing to wipe"
         """Discard old contents of a reused volume while it is attached here at `device`."""
 

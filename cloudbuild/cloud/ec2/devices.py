@@ -18,11 +18,8 @@ instance's block device mappings and the attachments in progress, so slots never
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,16 +128,3 @@ def pick_device_name(in_use: Iterable[str]) -> str:
         if norm(name) not in used:
             return name
     raise InfraError(f"no free EBS device name on this worker: {len(used)} in use")
-
-
-@contextlib.contextmanager
-def host_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock held by one build slot of this host at a time (blocks until free)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)

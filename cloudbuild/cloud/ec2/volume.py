@@ -1,8 +1,8 @@
 """EbsVolume: one EBS volume of a build, and attaching several at once.
 
 Created in the worker's zone (gp3, encrypted, tagged) or supplied (`--vm-volumes`: wiped before
-and after use, never deleted). Attach picks a device name under the host lock and resolves the
-real node by volume id (`ec2_nvme`); waits are `retry.wait_for` with the deadlines of `Ec2Limits`.
+use by the orchestrator and after use here, never deleted). Attach picks a device name under the host lock and resolves the
+real node by volume id (`devices.py`); waits are `retry.wait_for` with the deadlines of `Ec2Limits`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from cloudbuild import runner
-from cloudbuild.cloud.ec2_api import CAPACITY, NOT_FOUND, AttachHealth, Ec2Context, Ec2Error, ec2_tags
-from cloudbuild.cloud.ec2_nvme import (
-    host_lock,
+from cloudbuild.cloud.base import host_lock
+from cloudbuild.cloud.ec2.api import CAPACITY, NOT_FOUND, Ec2Context, Ec2Error, ec2_tags
+from cloudbuild.cloud.ec2.devices import (
     pick_device_name,
     resolve_device,
     serial_of,
@@ -55,7 +55,6 @@ class EbsVolume(Volume):
         self._id = volume_id
         self._client_token = client_token
         self._device_name: str | None = None  # the name EC2 attached it under, on the current machine
-        self._wiped = False
         self._creating = False
         self._attach_requested = 0.0
         self.partner: EbsVolume | None = None  # the other volume of the build's pair
@@ -180,16 +179,14 @@ class EbsVolume(Volume):
                     self._attach_with_flip(target, attempts=2)
             except InfraError as exc:
                 if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
-                    raise AttachHealth(self.ctx).failed(
+                    raise self.ctx.health.failed(
                         InfraError(f"attaching EBS volume {self._id} to this worker failed: {exc}")
                     ) from exc
                 raise
             if not here:
                 return None
             node = self._local_node()
-            AttachHealth(self.ctx).succeeded()
-            if not self.owned and not self._wiped:
-                self.wipe(node)
+            self.ctx.health.ok()
             return node
 
     def _prepare_attach(self, target: str) -> bool:
@@ -291,7 +288,7 @@ class EbsVolume(Volume):
                 max_interval=1.0,
             )
         except DeadlineExceeded as exc:
-            raise AttachHealth(self.ctx).failed(InfraError(str(exc))) from exc
+            raise self.ctx.health.failed(InfraError(str(exc))) from exc
         log.info("volume attached here", device=str(node), device_name=self._device_name)
         return node
 
@@ -358,7 +355,6 @@ class EbsVolume(Volume):
                     timeout=timeout,
                 )
                 log.info("volume wiped (image file, holes punched)")
-        self._wiped = True
 
     def release(self) -> None:
         """Detach (and delete what we own); a supplied volume still attached here is wiped first.
@@ -379,21 +375,15 @@ class EbsVolume(Volume):
         super().release()
 
 
-def attach_all(
-    volumes: Sequence[EbsVolume], host: str, *, meanwhile: Callable[[], object] | None = None
-) -> None:
+def attach_all(volumes: Sequence[EbsVolume], host: str) -> None:
     """Attach volumes to another machine (the builder): every request first, then the waits, so
-    the attachments progress together; `meanwhile` runs between the requests and the waits (a
-    pool builder is started while its volumes attach: its boot hook waits for them anyway).
-    A volume that flips back gets one more attach of its own."""
+    the attachments progress together. A volume that flips back gets one more attach of its own."""
     requested: list[EbsVolume] = []
     for volume in volumes:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._prepare_attach(host):
                 volume._request_attach(host)
                 requested.append(volume)
-    if meanwhile is not None:
-        meanwhile()
     for volume in requested:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._wait_attached(host):

@@ -9,9 +9,6 @@ share (`Ec2Context`, `Ec2Limits`) and the attach-failure count that declares a h
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +20,10 @@ import botocore.session
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from cloudbuild.cloud.common import (
-    BuildLocks,
-)
-from cloudbuild.cloud.ec2_imds import WorkerIdentity
-from cloudbuild.cloud.ec2_nvme import (
-    HostPaths,
-    host_lock,
-)
-from cloudbuild.errors import HostBroken, InfraError, UsageError
+from cloudbuild.cloud.base import AttachHealth, state_dir
+from cloudbuild.cloud.ec2.devices import HostPaths
+from cloudbuild.cloud.ec2.identity import WorkerIdentity
+from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import call_with_retries
 
@@ -207,9 +199,6 @@ class Ec2Limits:
     broken_after: int = 3  # attach failures in a row on this worker before it declares itself broken
 
 
-DEFAULT_STATE_DIR = Path("/var/lib/cloudbuild/ec2")
-
-
 @dataclass
 class Ec2Context:
     """What every EbsVolume and the backend of one worker share."""
@@ -217,7 +206,7 @@ class Ec2Context:
     api: Ec2Api
     identity: WorkerIdentity
     paths: HostPaths = field(default_factory=HostPaths)
-    state_dir: Path = DEFAULT_STATE_DIR
+    state_dir: Path = field(default_factory=lambda: state_dir("ec2"))
     limits: Ec2Limits = field(default_factory=Ec2Limits)
 
     @property
@@ -225,56 +214,5 @@ class Ec2Context:
         return self.state_dir / "devices.lock"
 
     @property
-    def health_file(self) -> Path:
-        return self.state_dir / "attach-failures.json"
-
-    @property
-    def build_locks(self) -> BuildLocks:
-        return BuildLocks(self.state_dir / "builds")
-
-
-class AttachHealth:
-    """Counts attach failures on this worker across builds (a small state file, under the host lock).
-
-    One failure is the cloud's problem (exit 3); `broken_after` in a row are this host's (exit 4).
-    """
-
-    def __init__(self, ctx: Ec2Context):
-        self.ctx = ctx
-
-    def _read(self) -> int:
-        try:
-            data = json.loads(self.ctx.health_file.read_text())
-            return int(data.get("failures", 0)) if isinstance(data, dict) else 0
-        except (OSError, ValueError, TypeError):
-            return 0
-
-    def _write(self, failures: int) -> None:
-        self.ctx.state_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.ctx.state_dir, delete=False) as tmp:
-            json.dump({"failures": failures, "worker": self.ctx.identity.instance_id}, tmp)
-        os.replace(tmp.name, self.ctx.health_file)
-
-    def failures(self) -> int:
-        return self._read()
-
-    def succeeded(self) -> None:
-        with host_lock(self.ctx.lock_file):
-            if self._read():
-                self._write(0)
-
-    def failed(self, error: InfraError) -> InfraError | HostBroken:
-        """Record a failure; the error to raise (HostBroken once the count reaches the limit)."""
-        with host_lock(self.ctx.lock_file):
-            count = self._read() + 1
-            self._write(count)
-        if count >= self.ctx.limits.broken_after:
-            return HostBroken(
-                f"{count} volume attach failures in a row on worker {self.ctx.identity.instance_id} "
-                f"(last: {error}); take this host out of service"
-            )
-        return error
-
-
-def state_dir_from_env() -> Path:
-    return Path(os.environ.get("CLOUDBUILD_EC2_STATE_DIR") or DEFAULT_STATE_DIR)
+    def health(self) -> AttachHealth:
+        return AttachHealth(self.identity.instance_id, self.state_dir, broken_after=self.limits.broken_after)

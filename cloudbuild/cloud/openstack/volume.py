@@ -22,8 +22,10 @@ from typing import Any
 
 import openstack.exceptions as os_exc
 
-from cloudbuild.cloud.openstack_api import Api, AttachHealth
-from cloudbuild.disk.image import device_size, is_block_device
+from cloudbuild.cloud.base import AttachHealth
+from cloudbuild.cloud.openstack.api import Api
+from cloudbuild.cloud.openstack.devices import find_device
+from cloudbuild.disk.image import device_size
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import wait_for
@@ -33,7 +35,6 @@ from cloudbuild.volume import TAG_BUILD, TAG_OWNER, TAG_ROLE, TAG_SLOT, Role, Vo
 log = get_logger(__name__)
 
 GIB = 1024
-VIRTIO_SERIAL_LENGTH = 20  # virtio-blk serial numbers are at most 20 bytes
 SETTLING = ("creating", "attaching", "detaching", "reserved", "downloading", "maintenance")
 FAILED = ("error", "error_deleting", "error_restoring", "error_extending", "error_managing")
 
@@ -41,29 +42,6 @@ FAILED = ("error", "error_deleting", "error_restoring", "error_extending", "erro
 def size_gib(size_mib: int) -> int:
     """Cinder sizes are whole GiB: round up."""
     return max(1, math.ceil(size_mib / GIB))
-
-
-def device_candidates(dev_root: Path, volume_id: str) -> list[Path]:
-    """Stable names udev gives the volume's disk, most specific first."""
-    by_id = dev_root / "disk" / "by-id"
-    return [
-        by_id / f"virtio-{volume_id[:VIRTIO_SERIAL_LENGTH]}",
-        by_id / f"scsi-0QEMU_QEMU_HARDDISK_{volume_id}",
-        by_id / f"scsi-0QEMU_QEMU_HARDDISK_{volume_id[:VIRTIO_SERIAL_LENGTH]}",
-    ]
-
-
-def find_device(dev_root: Path, volume_id: str, nova_device: str | None) -> Path | None:
-    """The local node of the attached volume, or None while it has not appeared yet."""
-    for candidate in device_candidates(dev_root, volume_id):
-        if candidate.exists():
-            return candidate.resolve()
-    if nova_device and nova_device.startswith("/dev/") and "/.." not in nova_device:
-        # Nova's name is the guest's *suggested* name; only trust a real block device
-        reported = dev_root / nova_device.removeprefix("/dev/")
-        if is_block_device(reported):
-            return reported
-    return None
 
 
 @dataclass(frozen=True)
@@ -107,7 +85,6 @@ class CinderVolume(Volume):
         self.dev_root = dev_root
         self.health = health  # None: stuck operations are not counted against a worker (gc)
         self._id: str | None = None
-        self._wiped = False
         self._stuck_counted = False
         self.log = log.bind(role=role.value)
 
@@ -128,7 +105,7 @@ class CinderVolume(Volume):
         if self.health is None or self._stuck_counted:
             return InfraError(message)
         self._stuck_counted = True
-        return self.health.stuck(message)
+        return self.health.failed(message)
 
     def _ok(self) -> None:
         if self.health is not None:
@@ -229,15 +206,16 @@ class CinderVolume(Volume):
         )
         if found is None:
             raise UsageError(f"--vm-volumes: no volume named or with id '{ref}' in this project")
-        self._id = str(found.id)
-        self.log = self.log.bind(volume=self._id)
         snap = Snapshot.of(found, self.worker)
         foreign = [s for s in snap.attached_to if s != self.worker]
         if foreign:
+            # refused before it became ours: the cleanup's release() must not detach it from them
             raise InfraError(
-                f"supplied volume {ref} ({self._id}) is attached to server {', '.join(foreign)}; "
+                f"supplied volume {ref} ({found.id}) is attached to server {', '.join(foreign)}; "
                 "it must be free before a build uses it"
             )
+        self._id = str(found.id)
+        self.log = self.log.bind(volume=self._id)
         self.log.info("using supplied volume", status=snap.status)
 
     def attach(self, host: str | None = None) -> Path | None:
@@ -258,9 +236,6 @@ class CinderVolume(Volume):
             max_interval=1.0,
         )
         self.log.info("volume attached here", device=str(device))
-        if not self.owned and not self._wiped:
-            self.wipe(device)
-            self._wiped = True
         return device
 
     def _attach_to(self, server: str) -> Snapshot:

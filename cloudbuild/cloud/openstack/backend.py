@@ -17,31 +17,27 @@ every cloud. docs/openstack.md is the operator's guide.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
-from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
-from cloudbuild.cloud.common import Resource, build_tags, format_time, is_cloudbuild_tagged, lease_expiry
-from cloudbuild.cloud.openstack_api import Api, AttachHealth, Timeouts, connect, worker_server_id
-from cloudbuild.cloud.openstack_server import Builder, choose_flavor, user_data
-from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH, CinderVolume
-from cloudbuild.commands.kill import KILL_MARKER
-from cloudbuild.disk import buildstatus
+from cloudbuild.backend import BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.cloud.base import AttachHealth, CloudBackend, RunningElsewhere, mark_swap_killed
+from cloudbuild.cloud.common import build_tags, lease_expiry
+from cloudbuild.cloud.openstack.api import Api, Timeouts, connect
+from cloudbuild.cloud.openstack.builder import Builder, choose_flavor, user_data
+from cloudbuild.cloud.openstack.devices import VIRTIO_SERIAL_LENGTH
+from cloudbuild.cloud.openstack.identity import worker_server_id
+from cloudbuild.cloud.openstack.volume import CinderVolume
 from cloudbuild.disk.mkfs import mount_options
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.volume import TAG_GC_SEEN, TAG_OWNER, Role, Volume, VolumePair
-
-__all__ = ["CinderVolume", "OpenStackBackend", "OpenStackGc", "gc_adapter"]
+from cloudbuild.volume import TAG_OWNER, Role, VolumePair
 
 log = get_logger(__name__)
 
 
-KILLED_STATUS = 1
 _UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 
 
@@ -58,8 +54,9 @@ def _volume_ref(value: str | None) -> str | None:
 
 
 @register
-class OpenStackBackend(Backend):
+class OpenStackBackend(CloudBackend):
     name = "openstack"
+    cloud = "openstack"
     channel = "swap"
 
     def __init__(
@@ -72,16 +69,13 @@ class OpenStackBackend(Backend):
         state_dir: Path | None = None,
         metadata_url: str | None = None,
     ):
-        super().__init__(options)
+        super().__init__(options, state_dir=state_dir)
         self._api = api
         self._own_api = api is None
         self._timeouts = timeouts
         self.dev_root = dev_root
-        self.state_dir = state_dir
         self.metadata_url = metadata_url
         self.builder: Builder | None = None
-        self.pair: VolumePair | None = None
-        self.slot: BuildSlot | None = None
         self._flavor: str | None = None
         self._image: str | None = None
 
@@ -97,9 +91,13 @@ class OpenStackBackend(Backend):
         """This worker's server id (`--vm-server`, else the metadata service)."""
         return worker_server_id(self.options.vm_server, url=self.metadata_url)
 
+    @property
+    def worker_id(self) -> str:
+        return self.worker
+
     @cached_property
     def health(self) -> AttachHealth:
-        return AttachHealth(self.worker, self.state_dir)
+        return AttachHealth(self.worker, self.state_dir, broken_after=2)
 
     def verify(self) -> None:
         o = self.options
@@ -157,7 +155,9 @@ class OpenStackBackend(Backend):
         return choice.id
 
     def volumes(self, slot: BuildSlot) -> VolumePair:
-        self.slot = slot
+        if not self.acquire_build_lock(slot):
+            self.pair = VolumePair(RunningElsewhere(Role.ROOT, slot.build_id))
+            return self.pair
         o = self.options
         expires = lease_expiry(o.build_timeout)
         root_ref = o.vm_volume_root or _volume_ref(o.vm_image)
@@ -186,7 +186,7 @@ class OpenStackBackend(Backend):
     @property
     def guest_swap_device(self) -> str | None:
         """VM_SWAP in build.data: the swap as the builder's udev names it (by virtio serial)."""
-        if self.pair is None or self.pair.swap is None:
+        if self.pair is None or self.pair.swap is None or self.running_elsewhere is not None:
             return None
         return f"/dev/disk/by-id/virtio-{self.pair.swap.id[:VIRTIO_SERIAL_LENGTH]}"
 
@@ -199,7 +199,6 @@ class OpenStackBackend(Backend):
         if pair.swap is None:
             raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
         o = self.options
-        (slot.workdir / KILL_MARKER).unlink(missing_ok=True)  # an earlier build's kill in a kept --root
         builder = self.builder = Builder(self.api, name=_server_name(slot, self.options))
         tags = build_tags(
             owner=self.worker,
@@ -224,20 +223,13 @@ class OpenStackBackend(Backend):
                 script=script,
             )
             with bound(server=builder.id):
-                result = builder.run(timeout=timeout, console=console, kill_marker=slot.workdir / KILL_MARKER)
+                result = builder.run(timeout=timeout, console=console, killed=lambda: self.killed(slot))
         finally:
             # the volumes are only free once the server is gone: delete it on every path
             builder.delete()
         if result.reason == ExitReason.KILLED:
-            self._mark_killed(pair.swap)
+            mark_swap_killed(pair.swap)
         return result
-
-    @staticmethod
-    def _mark_killed(swap: Volume) -> None:
-        """A killed build failed, whatever the guest managed to write (obs-build: BUILDSTATUS1)."""
-        device = swap.attach()
-        if device is not None:
-            buildstatus.write(device, KILLED_STATUS)
 
     def kill(self) -> None:
         """This process' builder: delete it. Another process' (`cloudbuild kill`): mark and stop it."""
@@ -257,69 +249,12 @@ class OpenStackBackend(Backend):
                 builder.id = str(server.id)
                 builder.stop_killed()
 
-    def cleanup(self) -> None:
+    def release_builder(self) -> None:
         if self.builder is not None:
             self.builder.delete()
+
+    def cleanup(self) -> None:
+        super().cleanup()
         if self._own_api and self._api is not None:
             self._api.close()  # a later call (kill, another build) connects again
             self._api = None
-
-
-class OpenStackGc:
-    """The GC adapter (cloudbuild.cloud.common.GcAdapter): servers and volumes cloudbuild tagged."""
-
-    SERVER_ORDER = 0  # servers first: deleting one releases the volumes it holds
-    VOLUME_ORDER = 1
-
-    def __init__(self, api: Api):
-        self.api = api
-
-    def list_resources(self) -> Iterable[Resource]:
-        compute, storage = self.api.conn.compute, self.api.conn.block_storage
-        servers = self.api.call("list servers", lambda: list(compute.servers(details=True)))
-        volumes = self.api.call("list volumes", lambda: list(storage.volumes(details=True)))
-        resources = [
-            Resource("server", str(s.id), dict(s.metadata or {}), self.SERVER_ORDER)
-            for s in servers
-            if is_cloudbuild_tagged(s.metadata or {}) and s.status not in ("DELETED", "SOFT_DELETED")
-        ]
-        resources += [
-            Resource("volume", str(v.id), dict(v.metadata or {}), self.VOLUME_ORDER)
-            for v in volumes
-            if is_cloudbuild_tagged(v.metadata or {}) and v.status != "deleting"
-        ]
-        return resources
-
-    def owner_alive(self, owner: str) -> bool:
-        compute = self.api.conn.compute
-        server = self.api.find(f"get server {owner}", lambda: compute.get_server(owner))
-        return server is not None and server.status not in ("DELETED", "SOFT_DELETED")
-
-    def tag_seen(self, resource: Resource, when: dt.datetime | None) -> None:
-        compute, storage = self.api.conn.compute, self.api.conn.block_storage
-        what = f"mark {resource.kind} {resource.id}"
-        if when is not None:
-            stamp = {TAG_GC_SEEN: format_time(when)}
-            if resource.kind == "server":
-                self.api.find(what, lambda: compute.set_server_metadata(resource.id, **stamp))
-            else:
-                self.api.find(what, lambda: storage.set_volume_metadata(resource.id, **stamp))
-        elif resource.kind == "server":
-            self.api.find(what, lambda: compute.delete_server_metadata(resource.id, [TAG_GC_SEEN]))
-        else:
-            self.api.find(what, lambda: storage.delete_volume_metadata(resource.id, keys=[TAG_GC_SEEN]))
-
-    def delete_resource(self, resource: Resource) -> None:
-        if resource.kind == "server":
-            builder = Builder(self.api, name=resource.id)
-            builder.id = resource.id
-            builder.delete()
-            return
-        volume = CinderVolume.existing(self.api, resource.id)
-        volume.detach()
-        volume.delete()
-
-
-def gc_adapter(*, api: Api | None = None) -> OpenStackGc:
-    """`cloudbuild gc --vm-type openstack`: the adapter over the cloud of OS_CLOUD / OS_*."""
-    return OpenStackGc(api or Api(connect()))

@@ -13,16 +13,15 @@ from __future__ import annotations
 import base64
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from cloudbuild.backend import BootResult, Console, ExitReason
 from cloudbuild.cloud.common import format_time, utcnow
-from cloudbuild.cloud.openstack_api import CONSOLE_API, Api
-from cloudbuild.cloud.openstack_console import ConsoleStream
-from cloudbuild.cloud.openstack_volume import VIRTIO_SERIAL_LENGTH
+from cloudbuild.cloud.openstack.api import CONSOLE_API, Api
+from cloudbuild.cloud.openstack.console import ConsoleStream
+from cloudbuild.cloud.openstack.devices import VIRTIO_SERIAL_LENGTH
 from cloudbuild.errors import CloudbuildError, DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import call_with_retries, wait_for
@@ -171,15 +170,17 @@ class Builder:
         output = reply.get("output") if isinstance(reply, dict) else None
         return output if isinstance(output, str) else ""
 
-    def run(self, *, timeout: float | None, console: Console, kill_marker: Path | None = None) -> BootResult:
+    def run(
+        self, *, timeout: float | None, console: Console, killed: Callable[[], bool] = lambda: False
+    ) -> BootResult:
         """Stream the console until the server powers off, fails, vanishes or the deadline passes.
 
-        `kill_marker`: the file `cloudbuild kill` leaves in the build's work folder; a server that
-        ends while it exists was killed, not lost.
+        `killed()`: whether `cloudbuild kill` was here (the backend's kill marker); a server that
+        ends while it says so was killed, not lost.
         """
 
-        def killed() -> bool:
-            return self.killed or (kill_marker is not None and kill_marker.exists())
+        def was_killed() -> bool:
+            return self.killed or killed()
 
         if self.id is None:
             raise InfraError("builder server not created")
@@ -204,7 +205,7 @@ class Builder:
         def probe() -> BootResult | None:
             server = self.api.find(f"get server {server_id}", lambda: self.compute.get_server(server_id))
             if server is None or server.status in ("DELETED", "SOFT_DELETED"):
-                if killed():
+                if was_killed():
                     return BootResult(ExitReason.KILLED, detail="killed")
                 return BootResult(ExitReason.CRASHED, detail=f"builder server {server_id} disappeared")
             status = str(server.status)
@@ -216,7 +217,7 @@ class Builder:
                 )
             if status == "SHUTOFF":
                 poll_console(final=True)
-                if killed() or TAG_KILLED in (server.metadata or {}):
+                if was_killed() or TAG_KILLED in (server.metadata or {}):
                     return BootResult(ExitReason.KILLED, detail="stopped by cloudbuild kill")
                 return BootResult(ExitReason.POWERED_OFF)
             if status != "BUILD":

@@ -13,24 +13,23 @@ from typing import Any
 import botocore.config
 import botocore.session
 
+from cloudbuild.cloud.base import BuildLocks
+from cloudbuild.cloud.base import state_dir as base_state_dir
 from cloudbuild.cloud.common import (
     TAG_GC_SEEN,
-    BuildLocks,
     GcAdapter,
     Resource,
     format_time,
     is_cloudbuild_tagged,
 )
-from cloudbuild.cloud.ec2_api import (
-    DEFAULT_STATE_DIR,
+from cloudbuild.cloud.ec2.api import (
     NOT_FOUND,
     Ec2Api,
     Ec2Limits,
     client,
-    state_dir_from_env,
     tag_dict,
 )
-from cloudbuild.cloud.ec2_imds import Imds, WorkerIdentity
+from cloudbuild.cloud.ec2.identity import Imds, WorkerIdentity
 from cloudbuild.errors import InfraError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import wait_for
@@ -65,7 +64,7 @@ class Ec2GcAdapter(GcAdapter):
         self.api = api
         self.limits = limits or Ec2Limits()
         self.local_worker = local_worker  # this host's instance id, when gc runs on a worker
-        self.locks = BuildLocks((state_dir or DEFAULT_STATE_DIR) / "builds")
+        self.locks = BuildLocks((state_dir or base_state_dir("ec2")) / "builds")
 
     def build_alive(self, resource: Resource) -> bool | None:
         """On the owner itself, a build lives while its process holds its lock; elsewhere: unknown."""
@@ -193,5 +192,4 @@ def gc_adapter() -> GcAdapter:
     return Ec2GcAdapter(
         Ec2Api(client(str(region))),
         local_worker=identity.instance_id if identity else None,
-        state_dir=state_dir_from_env(),
     )

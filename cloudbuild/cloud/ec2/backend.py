@@ -18,157 +18,55 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.backend import BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.cloud.base import BuilderState, CloudBackend, RunningElsewhere, host_lock, mark_swap_killed
 from cloudbuild.cloud.common import (
     TAG_POOL,
     build_tags,
     format_time,
     lease_expiry,
 )
-from cloudbuild.cloud.ec2_api import (
-    CAPACITY,
+from cloudbuild.cloud.ec2.api import (
     NOT_FOUND,
-    THROTTLING,
-    AttachHealth,
     Ec2Api,
     Ec2Context,
     Ec2Error,
     Ec2Limits,
-    Ec2UsageError,
     client,
     ec2_tags,
-    error_code,
-    state_dir_from_env,
     tag_dict,
-    transient,
-    translate,
 )
-from cloudbuild.cloud.ec2_console import ConsoleTail, decode_console
-from cloudbuild.cloud.ec2_gc import Ec2GcAdapter, gc_adapter
-from cloudbuild.cloud.ec2_imds import Imds, WorkerIdentity
-from cloudbuild.cloud.ec2_nvme import (
+from cloudbuild.cloud.ec2.builder import user_data
+from cloudbuild.cloud.ec2.console import ConsoleTail, decode_console
+from cloudbuild.cloud.ec2.devices import (
     BY_ID_PREFIX,
     HostPaths,
-    host_lock,
     serial_of,
 )
-from cloudbuild.cloud.ec2_volume import EbsVolume, attach_all, detach_all
-from cloudbuild.commands.kill import KILL_MARKER
-from cloudbuild.disk import buildstatus
+from cloudbuild.cloud.ec2.identity import Imds, WorkerIdentity
+from cloudbuild.cloud.ec2.volume import EbsVolume, attach_all, detach_all
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.retry import wait_for
-from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, Role, Volume, VolumePair, VolumeState
+from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, Role, VolumePair
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
 
-__all__ = [
-    "CAPACITY",
-    "NOT_FOUND",
-    "THROTTLING",
-    "AttachHealth",
-    "ConsoleTail",
-    "EbsVolume",
-    "Ec2Api",
-    "Ec2Backend",
-    "Ec2Context",
-    "Ec2Error",
-    "Ec2GcAdapter",
-    "Ec2Limits",
-    "Ec2UsageError",
-    "attach_all",
-    "client",
-    "decode_console",
-    "detach_all",
-    "ec2_tags",
-    "error_code",
-    "gc_adapter",
-    "tag_dict",
-    "transient",
-    "translate",
-    "user_data",
-]
-
 log = get_logger(__name__)
-
-# --- the builder's boot hook (user-data) -------------------------------------------------------
-
-HOOK_MARKER = "# cloudbuild-builder-hook v1"
-
-
-def user_data(*, build_id: str, root: str, swap: str, device_timeout: int = 3600) -> str:
-    """The boot hook shipped as user-data (see docs/ec2.md for the contract with the builder AMI).
-
-    It finds the volumes by id through udev's NVMe links (never by device name), runs the guest
-    agent, which writes BUILDSTATUS and the manifest to swap and powers the builder off. Only ids
-    go in; nothing from the build itself (the recipe travels on the root volume).
-    """
-    for value in (build_id, root, swap):
-        if not value.replace("-", "").replace("_", "").isalnum():
-            raise UsageError(f"refusing to put {value!r} into the builder boot hook")
-    return f"""#!/bin/sh
-{HOOK_MARKER}
-# build {build_id}: run the cloudbuild guest agent on root {root}, swap {swap}, then power off.
-set -u
-by_id=/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_
-root="$by_id{serial_of(root)}"
-swap="$by_id{serial_of(swap)}"
-i=0
-while [ ! -e "$root" ] || [ ! -e "$swap" ]; do
-    i=$((i + 1))
-    if [ "$i" -gt {device_timeout} ]; then
-        echo "cloudbuild: volumes {root} {swap} did not appear" >/dev/console
-        poweroff -f
-    fi
-    sleep 1
-done
-exec python3 -m cloudbuild.guest.agent --root "$(readlink -f "$root")" --swap "$(readlink -f "$swap")"
-"""
-
 
 # --- the backend --------------------------------------------------------------------------------
 
 
-class RunningElsewhere(Volume):
-    """The volumes of a build that another process on this worker runs (seen by `cloudbuild kill`,
-    or by a second build started with the same id): never created, attached or released here."""
-
-    def __init__(self, role: Role, build_id: str):
-        super().__init__(role, 0, owned=False)
-        self.build_id = build_id
-
-    @property
-    def id(self) -> str:
-        return f"<{self.role.value} of build {self.build_id}, running elsewhere>"
-
-    def create(self) -> None:
-        raise UsageError(f"build {self.build_id} is running on this worker already")
-
-    def attach(self, host: str | None = None) -> Path | None:
-        return None
-
-    def detach(self) -> None:
-        pass
-
-    def delete(self) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-    def state(self) -> VolumeState:
-        return VolumeState.ABSENT
-
-
 @register
-class Ec2Backend(Backend):
+class Ec2Backend(CloudBackend):
     """One build slot on an EC2 worker. Injectable for tests: api, identity, host paths, state dir, limits."""
 
     name = "ec2"
+    cloud = "ec2"
     channel = "swap"
 
     def __init__(
@@ -181,29 +79,27 @@ class Ec2Backend(Backend):
         state_dir: Path | None = None,
         limits: Ec2Limits | None = None,
     ):
-        super().__init__(options)
+        super().__init__(options, state_dir=state_dir)
         self._api = api
         self._identity = identity
         self._paths = paths or HostPaths()
-        self._state_dir = state_dir or state_dir_from_env()
         self._limits = limits or Ec2Limits()
         self._ctx: Ec2Context | None = None
         self.builder: str | None = None  # instance id of the current builder
         self._builder_from_pool = False
-        self._builder_lost = False
-        self._slot: BuildSlot | None = None
-        self._build_lock: int | None = None
-        self.pair: VolumePair | None = None
         self._nonce = uuid.uuid4().hex[:12]
-        self._running_elsewhere: str | None = None  # the build id another process on this worker runs
 
     @property
     def ctx(self) -> Ec2Context:
         if self._ctx is None:
             identity = self._identity or Imds().identity()
             api = self._api or Ec2Api(client(identity.region))
-            self._ctx = Ec2Context(api, identity, self._paths, self._state_dir, self._limits)
+            self._ctx = Ec2Context(api, identity, self._paths, self.state_dir, self._limits)
         return self._ctx
+
+    @property
+    def worker_id(self) -> str:
+        return self.ctx.identity.instance_id
 
     @property
     def api(self) -> Ec2Api:
@@ -247,16 +143,9 @@ class Ec2Backend(Backend):
 
     def volumes(self, slot: BuildSlot) -> VolumePair:
         o = self.options
-        self._slot = slot
-        if self._build_lock is None:
-            # held until cleanup(): `cloudbuild gc` on this worker sweeps a build whose process died
-            try:
-                self._build_lock = self.ctx.build_locks.acquire(slot.build_id)
-            except BlockingIOError:
-                # another process runs this build (we are `cloudbuild kill`, or a duplicate build id)
-                self._running_elsewhere = slot.build_id
-                self.pair = VolumePair(RunningElsewhere(Role.ROOT, slot.build_id))
-                return self.pair
+        if not self.acquire_build_lock(slot):
+            self.pair = VolumePair(RunningElsewhere(Role.ROOT, slot.build_id))
+            return self.pair
         if o.vm_volume_root:
             self.pair = VolumePair(
                 EbsVolume(self.ctx, Role.ROOT, o.disk_size, volume_id=o.vm_volume_root, owned=False),
@@ -280,7 +169,7 @@ class Ec2Backend(Backend):
     @property
     def guest_swap_device(self) -> str | None:
         """VM_SWAP in build.data: the swap as the builder's udev names it (by EBS volume id)."""
-        if self.pair is None or self.pair.swap is None or self.pair.swap.id.startswith("<"):
+        if self.pair is None or self.pair.swap is None or self.running_elsewhere is not None:
             return None
         return f"/dev/disk/by-id/{BY_ID_PREFIX}{serial_of(self.pair.swap.id)}"
 
@@ -295,7 +184,7 @@ class Ec2Backend(Backend):
                 return dict(instance)
         return None
 
-    def _builder_state(self) -> str:
+    def _instance_state(self) -> str:
         info = self._describe_builder()
         return str(info["State"]["Name"]) if info else "vanished"
 
@@ -310,7 +199,7 @@ class Ec2Backend(Backend):
         """Wait until the builder is in one of `states`; a state in `give_up` ends the wait too."""
 
         def probe() -> str | None:
-            state = self._builder_state()
+            state = self._instance_state()
             return state if state in states or state in give_up else None
 
         return wait_for(
@@ -408,6 +297,7 @@ class Ec2Backend(Backend):
             if state != "running":
                 return self._lost(state)
             attach_all([root, swap], builder)
+            self.builder_state = BuilderState.RUNNING
             log.info("builder started", seconds=round(time.monotonic() - started, 3))
             remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
             watchdog = Watchdog(
@@ -415,9 +305,7 @@ class Ec2Backend(Backend):
             )
             watchdog.open()
             try:
-                result = self._stream_until_stopped(
-                    watchdog, remaining, kill_marker=slot.workdir / KILL_MARKER
-                )
+                result = self._stream_until_stopped(watchdog, remaining, killed=lambda: self.killed(slot))
             finally:
                 watchdog.close()
             if watchdog.fired:
@@ -429,6 +317,7 @@ class Ec2Backend(Backend):
                 return result
             if result is not None:
                 return result
+            self.builder_state = BuilderState.STOPPED
             detach_all([root, swap])
             return BootResult(ExitReason.POWERED_OFF)
 
@@ -436,10 +325,10 @@ class Ec2Backend(Backend):
         """The root is staged: start the builder now, so that it boots while the host unmounts and
         detaches the root and clears the swap (its boot hook waits for the volumes to appear)."""
         pair = self.pair
-        if self.builder is not None or self._slot is None or pair is None or pair.swap is None:
+        if self.builder is not None or self.slot is None or pair is None or pair.swap is None:
             return
         if isinstance(pair.root, EbsVolume) and isinstance(pair.swap, EbsVolume):
-            self._start_builder(self._slot, pair.root, pair.swap)
+            self._start_builder(self.slot, pair.root, pair.swap)
 
     def _start_builder(self, slot: BuildSlot, root: EbsVolume, swap: EbsVolume) -> None:
         """Claim a pool builder and start it, or launch a new one; the volumes attach later."""
@@ -449,17 +338,18 @@ class Ec2Backend(Backend):
         if builder is None:
             builder = self._launch(slot, hook)
         self.builder = builder
+        self.builder_state = BuilderState.STARTING
         if self._builder_from_pool:
             self.api.must("start_instances", InstanceIds=[builder], eventual=("IncorrectState",))
             log.info("pool builder starting", builder=builder)
 
     def _lost(self, state: str) -> BootResult:
-        self._builder_lost = True
+        self.builder_state = BuilderState.LOST
         log.error("builder vanished", state=state)
         return BootResult(ExitReason.CRASHED, detail=f"builder instance {self.builder} {state} unexpectedly")
 
     def _stream_until_stopped(
-        self, console: Console, timeout: float | None, *, kill_marker: Path | None = None
+        self, console: Console, timeout: float | None, *, killed: Callable[[], bool]
     ) -> BootResult | None:
         """Copy new console output to `console` until the builder stops; a BootResult when it did not."""
         tail = ConsoleTail()
@@ -486,7 +376,7 @@ class Ec2Backend(Backend):
 
         def probe() -> str | None:
             pump()
-            state = self._builder_state()
+            state = self._instance_state()
             return state if state in ("stopped", "terminated", "shutting-down", "vanished") else None
 
         try:
@@ -501,7 +391,7 @@ class Ec2Backend(Backend):
             log.error("build timed out, stopping the builder", timeout=timeout)
             self.kill()
             return BootResult(ExitReason.TIMEOUT, detail=f"no power-off within {timeout:g}s")
-        if kill_marker is not None and kill_marker.exists():
+        if killed():
             log.info("builder killed by `cloudbuild kill`", state=state)
             return BootResult(ExitReason.KILLED)
         if state != "stopped":
@@ -517,14 +407,13 @@ class Ec2Backend(Backend):
             self.ctx.limits.stop,
             f"killed builder {self.builder} to stop",
         )
+        self.builder_state = BuilderState.STOPPED
         swap.detach()
-        device = swap.attach()
-        if device is not None:
-            buildstatus.write(device, 1)
+        mark_swap_killed(swap)
 
     def kill(self) -> None:
-        if self.builder is None and self._running_elsewhere is not None:
-            self._kill_elsewhere(self._running_elsewhere)
+        if self.builder is None and self.running_elsewhere is not None:
+            self._kill_elsewhere(self.running_elsewhere)
             return
         if self.builder is None:
             return
@@ -555,27 +444,20 @@ class Ec2Backend(Backend):
                     self.api.call("terminate_instances", InstanceIds=[instance_id], missing_ok=NOT_FOUND)
                 log.info("builder of a running build killed", builder=instance_id, build=build_id)
 
-    def cleanup(self) -> None:
+    def release_builder(self) -> None:
         """Terminate the builder, or stop it and hand it back to the pool; idempotent."""
-        try:
-            self._release_builder()
-        finally:
-            if self._build_lock is not None and self._slot is not None:
-                self.ctx.build_locks.release(self._slot.build_id, self._build_lock)
-                self._build_lock = None
-
-    def _release_builder(self) -> None:
         if self.builder is None:
             return
         builder = self.builder
         with bound(builder=builder):
-            state = self._builder_state()
+            state = self._instance_state()
             if state == "vanished":
                 self.builder = None
+                self.builder_state = BuilderState.NONE
                 return
             keep = (
                 self.options.ec2_pool > 0
-                and not self._builder_lost
+                and self.builder_state != BuilderState.LOST
                 and state in ("stopped", "stopping", "running")
             )
             if keep:
@@ -590,6 +472,7 @@ class Ec2Backend(Backend):
                 self.api.call("terminate_instances", InstanceIds=[builder], missing_ok=NOT_FOUND)
                 log.info("builder terminating")
             self.builder = None
+            self.builder_state = BuilderState.NONE
 
     def _return_to_pool(self, builder: str, state: str) -> bool:
         if state != "stopped":
