@@ -126,7 +126,13 @@ resource "aws_s3_bucket_lifecycle_configuration" "results" {
     noncurrent_version_expiration {
       noncurrent_days = var.results_expiry_days
     }
-    # a worker that died mid-upload leaves multipart parts nobody completes
+  }
+
+  # a worker that died mid-upload leaves multipart parts nobody completes, under any prefix
+  rule {
+    id     = "abort-incomplete-uploads"
+    status = "Enabled"
+    filter {}
     abort_incomplete_multipart_upload {
       days_after_initiation = 1
     }

@@ -107,7 +107,9 @@ def unexpected_drift(plan: dict[str, Any]) -> list[str]:
             continue
         extra = changed_attributes(resource["change"]) - set(MOTO_DRIFTS.get(address, {}))
         change = resource["change"]
-        problems += [f"{address}.{k}: {change['before'].get(k)!r} -> {change['after'].get(k)!r}" for k in sorted(extra)]
+        problems += [
+            f"{address}.{k}: {change['before'].get(k)!r} -> {change['after'].get(k)!r}" for k in sorted(extra)
+        ]
     return problems
 
 
