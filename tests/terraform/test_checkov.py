@@ -27,7 +27,6 @@ def test_checkov_finds_nothing_and_every_skip_has_a_reason() -> None:
             "--skip-download",
             "--output",
             "json",
-            "--quiet",
         ],
         check=False,
         timeout=600,
