@@ -22,7 +22,8 @@ from cloudbuild.commands.jobargs import Parser, parser, positive_int, positive_s
 from cloudbuild.errors import UsageError
 from cloudbuild.worker.job import Allowance
 from cloudbuild.worker.observe import Metrics
-from cloudbuild.worker.supervisor import Supervisor, WorkerConfig
+from cloudbuild.worker.protocols import Bounded
+from cloudbuild.worker.supervisor import HARD_DEADLINE_GRACE, Supervisor, WorkerConfig
 from cloudbuild.worker.urls import open_queue, open_store
 
 # the worker sets these per job and slot; the operator may not
@@ -71,6 +72,11 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError("--rootfs is required (the build root of jobs that bring none)")
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
+    queue = open_queue(args.queue)
+    max_attempts = args.max_attempts
+    if isinstance(queue, Bounded):
+        queue.fit((base.build_timeout or float("inf")) + HARD_DEADLINE_GRACE + args.lease)
+        max_attempts = queue.max_deliveries()  # the queue dead-letters after that many; so do we
     workdir = (args.work_dir or Path("/var/lib/cloudbuild/worker") / args.worker_id).absolute()
     config = WorkerConfig(
         owner=args.worker_id,
@@ -83,10 +89,10 @@ def main(argv: Sequence[str]) -> int:
         idle_exit=args.idle_exit,
         drain_timeout=args.drain_timeout,
         lease=args.lease,
-        max_attempts=args.max_attempts,
+        max_attempts=max_attempts,
     )
     metrics = Metrics()
-    supervisor = Supervisor(config, open_queue(args.queue), open_store(args.store), metrics=metrics)
+    supervisor = Supervisor(config, queue, open_store(args.store), metrics=metrics)
     if args.metrics_port is not None:
         metrics.serve(args.metrics_port)
     if args.health_port is not None:

@@ -1,0 +1,66 @@
+"""The worker end to end over sqs:// and s3:// (moto's server, real HTTP) with the chroot backend:
+real `cloudbuild submit`, `worker`, `status` and `results` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.vm import localbuild
+from tests.vm.localbuild import recipe, sha, tree
+from tests.worker.awsfarm import AwsFarm, AwsQueues
+from tests.worker.workerlib import slow_recipe
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+rootfs = localbuild.rootfs
+cache = localbuild.cache
+
+
+def test_submit_work_results_byte_exact_over_sqs_and_s3(
+    aws_farm: AwsFarm, aws_queues: AwsQueues, rootfs: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    payload = os.urandom(200_000)
+    (src / "input.bin").write_bytes(payload)
+    script = recipe(src, "mkdir -p $BUILD_RESULTS/RPMS\ncp input.bin $BUILD_RESULTS/RPMS/input.bin\n"
+                    "ln -s RPMS/input.bin $BUILD_RESULTS/latest\necho built it\n")  # fmt: skip
+    job_id = aws_farm.submit(script)
+    worker = aws_farm.start_worker(rootfs, "--max-jobs", "1", "--build-timeout", "600")
+    assert worker.wait(timeout=300) == 0, aws_farm.worker_log()[-3000:]
+    assert aws_farm.status_line(job_id) == f"{job_id}: done (exit 0) attempt 1"
+    dest = tmp_path / "res"
+    fetched = aws_farm.cli("results", "--store", aws_farm.store_url, job_id, "--dest", str(dest))
+    assert fetched.returncode == 0, fetched.stderr
+    assert tree(dest) == {"RPMS": "d", "RPMS/input.bin": sha(payload), "latest": "l:RPMS/input.bin"}
+    assert "built it" in aws_farm.cli("logs", "--store", aws_farm.store_url, job_id).stdout
+    assert aws_farm.queue.depth() == {"visible": 0, "in_flight": 0}  # deleted once the result was stored
+    assert any(k.endswith(f"jobs/{job_id}/status.json") for k in aws_queues.keys("farm/"))
+
+
+def test_a_build_timeout_beyond_sqs_12h_cap_is_refused_at_start_up(aws_farm: AwsFarm, rootfs: Path) -> None:
+    worker = aws_farm.start_worker(rootfs, "--build-timeout", str(12 * 3600))
+    assert worker.wait(timeout=60) == 1
+    assert "SQS keeps a message invisible at most 12 h" in aws_farm.worker_log()
+    worker = aws_farm.start_worker(rootfs, worker_id="w2")  # no --build-timeout: unbounded, refused too
+    assert worker.wait(timeout=60) == 1
+    assert "none set, so a build may run forever" in aws_farm.worker_log("w2")
+
+
+def test_worker_sigkilled_mid_build_another_finishes_after_the_lease(
+    aws_farm: AwsFarm, aws_queues: AwsQueues, rootfs: Path, tmp_path: Path
+) -> None:
+    job_id = aws_farm.submit(slow_recipe(tmp_path / "slow", 4))
+    first = aws_farm.start_worker(rootfs, "--lease", "3", "--build-timeout", "600")
+    aws_farm.wait_state(job_id, "running")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = aws_farm.start_worker(rootfs, "--lease", "3", "--build-timeout", "600", "--max-jobs", "1", worker_id="w2")
+    assert second.wait(timeout=300) == 0, aws_farm.worker_log("w2")[-3000:]
+    status = aws_farm.status(job_id)
+    assert (status["state"], status["attempt"]) == ("done", 2)
+    assert aws_farm.queue.depth() == {"visible": 0, "in_flight": 0}
+    assert aws_queues.dead() == []
