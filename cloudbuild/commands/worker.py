@@ -20,6 +20,7 @@ from cloudbuild import log as cblog
 from cloudbuild import options as cboptions
 from cloudbuild.commands.jobargs import Parser, parser, positive_int, positive_seconds
 from cloudbuild.errors import UsageError
+from cloudbuild.worker.fleet import Fleet
 from cloudbuild.worker.job import Allowance
 from cloudbuild.worker.observe import Metrics
 from cloudbuild.worker.protocols import Bounded
@@ -92,7 +93,7 @@ def main(argv: Sequence[str]) -> int:
         max_attempts=max_attempts,
     )
     metrics = Metrics()
-    supervisor = Supervisor(config, queue, open_store(args.store), metrics=metrics)
+    supervisor = Supervisor(config, queue, open_store(args.store), metrics=metrics, fleet=Fleet.detect())
     if args.metrics_port is not None:
         metrics.serve(args.metrics_port)
     if args.health_port is not None:
