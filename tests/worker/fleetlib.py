@@ -114,7 +114,7 @@ def asg_world_fixture(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[Asg
     )  # fmt: skip
     asg.put_lifecycle_hook(
         AutoScalingGroupName=GROUP, LifecycleHookName=HOOK,
-        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING", HeartbeatTimeout=30, DefaultResult="CONTINUE",
+        LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING", HeartbeatTimeout=3, DefaultResult="CONTINUE",
     )  # fmt: skip
     ids = sorted(i["InstanceId"] for i in asg.describe_auto_scaling_instances()["AutoScalingInstances"])
     imds = FakeImds({"instance-id": ids[0], "placement/availability-zone": ZONE, "placement/region": REGION})

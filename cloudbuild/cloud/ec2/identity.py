@@ -141,15 +141,13 @@ class Imds:
         raise ImdsError(f"instance metadata {path}: token rejected twice")  # pragma: no cover
 
     def answers(self) -> bool:
-        """One token request, no retries: is there a metadata service at all (a worker off EC2
-        must not wait out the retries of `get` to learn that)?"""
+        """Is there a metadata service at all? A token within the configured attempts (a worker
+        off EC2 learns it in about a second; a loaded host's slow answer still counts)."""
         try:
-            self._token = self._request(
-                "PUT", TOKEN_PATH, {"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)}
-            ).strip()
-        except (_Transient, urllib.error.HTTPError):
+            self.token(refresh=True)
+        except ImdsError:
             return False
-        return bool(self._token)
+        return True
 
     def find(self, path: str) -> str | None:
         """Read `latest/meta-data/<path>`, or None where the service has nothing there (404), as for
