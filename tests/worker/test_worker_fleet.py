@@ -11,6 +11,7 @@ import pytest
 
 from cloudbuild.worker.fleet import LIFECYCLE_STATE, SPOT_ACTION
 from tests.vm import localbuild
+from tests.vm.localbuild import recipe
 from tests.worker.awsfarm import AwsFarm, AwsQueues
 from tests.worker.fleetlib import AsgWorld
 from tests.worker.workerlib import slow_recipe
@@ -87,3 +88,20 @@ def test_spot_notice_mid_build_releases_at_once_and_another_worker_finishes(
     assert asg_world.calls("complete") == []
     _finish_elsewhere(aws_farm, rootfs, monkeypatch, job_id)
     assert aws_queues.dead() == []
+
+
+def test_exit_4_marks_the_instance_unhealthy_and_another_worker_does_the_job(
+    aws_farm: AwsFarm,
+    aws_queues: AwsQueues,
+    asg_world: AsgWorld,
+    rootfs: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job_id = aws_farm.submit(recipe(tmp_path / "src", "echo hi\n"))
+    broken = aws_farm.start_worker(rootfs, *OPTS, vm="kvm")  # kvm_pvm here: the build exits 4
+    assert broken.wait(timeout=120) == 4, aws_farm.worker_log()[-3000:]
+    assert asg_world.instance()["HealthStatus"].upper() == "UNHEALTHY"
+    assert asg_world.instance()["ProtectedFromScaleIn"] is False  # the group may replace it now
+    assert aws_farm.queue.depth() == {"visible": 1, "in_flight": 0}
+    _finish_elsewhere(aws_farm, rootfs, monkeypatch, job_id)

@@ -64,3 +64,16 @@ def test_worker_sigkilled_mid_build_another_finishes_after_the_lease(
     assert (status["state"], status["attempt"]) == ("done", 2)
     assert aws_farm.queue.depth() == {"visible": 0, "in_flight": 0}
     assert aws_queues.dead() == []
+
+
+def test_a_poison_job_lands_in_the_dlq_after_max_receive_count_attempts(
+    aws_farm: AwsFarm, aws_queues: AwsQueues, rootfs: Path, tmp_path: Path
+) -> None:
+    job_id = aws_farm.submit(slow_recipe(tmp_path / "src", 30), "--timeout", "1")  # times out: exit 3
+    worker = aws_farm.start_worker(rootfs, "--build-timeout", "600", "--idle-exit", "3")
+    assert worker.wait(timeout=300) == 0, aws_farm.worker_log()[-3000:]
+    status = aws_farm.status(job_id)
+    assert (status["state"], status["attempt"]) == ("failed-permanently", 3)  # maxReceiveCount of the redrive policy
+    dead = aws_queues.dead()
+    assert [m["MessageAttributes"]["cloudbuild-job-id"]["StringValue"] for m in dead] == [job_id]
+    assert aws_farm.queue.depth() == {"visible": 0, "in_flight": 0}
