@@ -6,9 +6,13 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
+from cloudbuild.retry import wait_for
+from cloudbuild.worker.s3store import S3Store
+from tests.fakes.tcpgate import TcpGate
 from tests.vm import localbuild
 from tests.vm.localbuild import recipe, sha, tree
 from tests.worker.awsfarm import AwsFarm, AwsQueues
@@ -77,3 +81,23 @@ def test_a_poison_job_lands_in_the_dlq_after_max_receive_count_attempts(
     dead = aws_queues.dead()
     assert [m["MessageAttributes"]["cloudbuild-job-id"]["StringValue"] for m in dead] == [job_id]
     assert aws_farm.queue.depth() == {"visible": 0, "in_flight": 0}
+
+
+def test_s3_unreachable_for_a_while_is_retried_and_the_job_is_not_lost(
+    aws_farm: AwsFarm, aws_queues: AwsQueues, rootfs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = aws_farm.submit(slow_recipe(tmp_path / "slow", 3))
+    host, port = urlsplit(os.environ["AWS_ENDPOINT_URL"]).netloc.split(":")
+    gate = TcpGate(host, int(port))
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", gate.url)  # the worker reaches S3 through the gate
+    worker = aws_farm.start_worker(rootfs, "--build-timeout", "600", "--max-jobs", "1")
+    aws_farm.wait_state(job_id, "running")
+    gate.down()  # S3 gone while the build runs and when it publishes
+    wait_for(lambda: '"retrying"' in aws_farm.worker_log() or None, what="a retry", timeout=120, interval=0.2)
+    assert S3Store(aws_farm.store_url, s3=aws_queues.s3).status(job_id) is None  # past the gate
+    gate.up()
+    assert worker.wait(timeout=300) == 0, aws_farm.worker_log()[-3000:]
+    status = aws_farm.status(job_id)
+    assert (status["state"], status["attempt"]) == ("done", 1)
+    assert aws_farm.queue.depth() == {"visible": 0, "in_flight": 0}
+    gate.down()
