@@ -14,9 +14,10 @@ from typing import Any
 
 import boto3
 import botocore.config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, NoCredentialsError
 
 from cloudbuild.cloud.ec2.api import error_code, transient
+from cloudbuild.errors import InfraError
 from cloudbuild.worker.protocols import Unreachable
 
 _is_transient = transient("SlowDown", "RequestTimeout", "AWS.SimpleQueueService.ServiceUnavailable")
@@ -47,6 +48,10 @@ def reaching(url: str, what: str) -> Iterator[None]:
     """Throttling, 5xx and connection failures of `what` -> Unreachable (retried by the caller)."""
     try:
         yield
+    except NoCredentialsError as exc:
+        raise InfraError(
+            f"{url}: no AWS credentials (set AWS_PROFILE or AWS_ACCESS_KEY_ID, or give the instance a role)"
+        ) from exc
     except Exception as exc:
         if _is_transient(exc):
             raise Unreachable(f"{url}: {what}: {exc}") from exc
