@@ -4,11 +4,13 @@ fake IMDS. Each asserts nothing lost (one result) and nothing left (no message i
 
 from __future__ import annotations
 
+import signal
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from cloudbuild.retry import wait_for
 from cloudbuild.worker.fleet import LIFECYCLE_STATE, SPOT_ACTION
 from tests.vm import localbuild
 from tests.vm.localbuild import recipe
@@ -105,3 +107,22 @@ def test_exit_4_marks_the_instance_unhealthy_and_another_worker_does_the_job(
     assert asg_world.instance()["ProtectedFromScaleIn"] is False  # the group may replace it now
     assert aws_farm.queue.depth() == {"visible": 1, "in_flight": 0}
     _finish_elsewhere(aws_farm, rootfs, monkeypatch, job_id)
+
+
+def test_idle_exit_terminates_the_instance_once_and_never_below_the_minimum(
+    aws_farm: AwsFarm, aws_queues: AwsQueues, asg_world: AsgWorld, rootfs: Path
+) -> None:
+    asg_world.shrink_to(1)  # desired == min: the idle worker must stay
+    kept = aws_farm.start_worker(rootfs, *OPTS, "--idle-exit", "1")
+    wait_for(
+        lambda: aws_farm.worker_log().count("group is at its minimum size") >= 2 or None,
+        what="two refused idle exits", timeout=60, interval=0.2,
+    )  # fmt: skip
+    assert kept.poll() is None and asg_world.calls("terminate") == []
+    kept.send_signal(signal.SIGTERM)
+    assert kept.wait(timeout=60) == 0
+    asg_world.shrink_to(2)
+    leaving = aws_farm.start_worker(rootfs, *OPTS, "--idle-exit", "1", worker_id="w2")
+    assert leaving.wait(timeout=60) == 0, aws_farm.worker_log("w2")[-3000:]
+    assert [c["InstanceId"] for c in asg_world.calls("terminate")] == [asg_world.instance_id]
+    assert asg_world.group()["DesiredCapacity"] == 1
