@@ -73,10 +73,14 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError("--rootfs is required (the build root of jobs that bring none)")
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
+    allowance = Allowance.parse(args.allow)
     queue = open_queue(args.queue)
     max_attempts = args.max_attempts
     if isinstance(queue, Bounded):
-        queue.fit((base.build_timeout or float("inf")) + HARD_DEADLINE_GRACE + args.lease)
+        longest = base.build_timeout or float("inf")
+        if "build-timeout" in allowance.limits:  # a job may ask for up to this (None: anything)
+            longest = max(longest, allowance.limits["build-timeout"] or float("inf"))
+        queue.fit(longest + HARD_DEADLINE_GRACE + args.lease)
         max_attempts = queue.max_deliveries()  # the queue dead-letters after that many; so do we
     workdir = (args.work_dir or Path("/var/lib/cloudbuild/worker") / args.worker_id).absolute()
     config = WorkerConfig(
@@ -84,7 +88,7 @@ def main(argv: Sequence[str]) -> int:
         workdir=workdir,
         build_argv=tuple(build_argv),
         base=base,
-        allowance=Allowance.parse(args.allow),
+        allowance=allowance,
         slots=args.slots,
         max_jobs=args.max_jobs,
         idle_exit=args.idle_exit,

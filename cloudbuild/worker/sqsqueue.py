@@ -81,8 +81,9 @@ class SqsQueue:
         """Refuse a worker whose jobs may need to stay claimed longer than SQS allows."""
         if hold == float("inf"):
             raise UsageError(
-                "--build-timeout: none set, so a build may run forever, but SQS keeps a message "
-                f"invisible at most 12 h ({MAX_INVISIBLE:.0f} s); set --build-timeout (seconds)"
+                "--build-timeout: none set (or --allow build-timeout without a MAX), so a build may run "
+                f"forever, but SQS keeps a message invisible at most 12 h ({MAX_INVISIBLE:.0f} s); "
+                "set --build-timeout (seconds) and a MAX"
             )
         if hold > MAX_INVISIBLE:
             raise UsageError(

@@ -51,7 +51,10 @@ def test_a_build_timeout_beyond_sqs_12h_cap_is_refused_at_start_up(aws_farm: Aws
     assert "SQS keeps a message invisible at most 12 h" in aws_farm.worker_log()
     worker = aws_farm.start_worker(rootfs, worker_id="w2")  # no --build-timeout: unbounded, refused too
     assert worker.wait(timeout=60) == 1
-    assert "none set, so a build may run forever" in aws_farm.worker_log("w2")
+    assert "so a build may run forever" in aws_farm.worker_log("w2")
+    worker = aws_farm.start_worker(rootfs, "--build-timeout", "600", "--allow", "build-timeout", worker_id="w3")
+    assert worker.wait(timeout=60) == 1  # a job could ask for any timeout
+    assert "so a build may run forever" in aws_farm.worker_log("w3")
 
 
 def test_worker_sigkilled_mid_build_another_finishes_after_the_lease(
