@@ -5,7 +5,10 @@ per-module `pytest_plugins`).
 - tests.fakes.moto_server: `moto_server`, `aws`, `ec2_world`, `console_from_emulator` and the
   autouse `ec2_leftovers` (checks only tests that used moto);
 - tests.cloud.openstack_fixtures: `openstack_fake`, `openstack_conn`, `openstack_cloud_env`,
-  `fast_sleeps`, `emu`.
+  `fast_sleeps`, `emu`;
+- tests.worker.awsfarm: `aws_queues` (SQS with a redrive policy and an S3 bucket in moto),
+  `aws_farm` (the worker farm over sqs:// and s3://);
+- tests.worker.fleetlib: `asg_world` (an Auto Scaling group in moto holding this worker, a fake IMDS).
 """
 
-pytest_plugins = ["tests.fakes.moto_server", "tests.cloud.openstack_fixtures"]
+pytest_plugins = ["tests.fakes.moto_server", "tests.cloud.openstack_fixtures", "tests.worker.awsfarm", "tests.worker.fleetlib"]

@@ -20,9 +20,11 @@ from cloudbuild import log as cblog
 from cloudbuild import options as cboptions
 from cloudbuild.commands.jobargs import Parser, parser, positive_int, positive_seconds
 from cloudbuild.errors import UsageError
+from cloudbuild.worker.fleet import Fleet
 from cloudbuild.worker.job import Allowance
 from cloudbuild.worker.observe import Metrics
-from cloudbuild.worker.supervisor import Supervisor, WorkerConfig
+from cloudbuild.worker.protocols import Bounded
+from cloudbuild.worker.supervisor import HARD_DEADLINE_GRACE, Supervisor, WorkerConfig
 from cloudbuild.worker.urls import open_queue, open_store
 
 # the worker sets these per job and slot; the operator may not
@@ -71,22 +73,31 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError("--rootfs is required (the build root of jobs that bring none)")
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
+    allowance = Allowance.parse(args.allow)
+    queue = open_queue(args.queue)
+    max_attempts = args.max_attempts
+    if isinstance(queue, Bounded):
+        longest = base.build_timeout or float("inf")
+        if "build-timeout" in allowance.limits:  # a job may ask for up to this (None: anything)
+            longest = max(longest, allowance.limits["build-timeout"] or float("inf"))
+        queue.fit(longest + HARD_DEADLINE_GRACE + args.lease)
+        max_attempts = queue.max_deliveries()  # the queue dead-letters after that many; so do we
     workdir = (args.work_dir or Path("/var/lib/cloudbuild/worker") / args.worker_id).absolute()
     config = WorkerConfig(
         owner=args.worker_id,
         workdir=workdir,
         build_argv=tuple(build_argv),
         base=base,
-        allowance=Allowance.parse(args.allow),
+        allowance=allowance,
         slots=args.slots,
         max_jobs=args.max_jobs,
         idle_exit=args.idle_exit,
         drain_timeout=args.drain_timeout,
         lease=args.lease,
-        max_attempts=args.max_attempts,
+        max_attempts=max_attempts,
     )
     metrics = Metrics()
-    supervisor = Supervisor(config, open_queue(args.queue), open_store(args.store), metrics=metrics)
+    supervisor = Supervisor(config, queue, open_store(args.store), metrics=metrics, fleet=Fleet.detect())
     if args.metrics_port is not None:
         metrics.serve(args.metrics_port)
     if args.health_port is not None:

@@ -40,10 +40,16 @@ def digest_key(path: Path) -> str:
     return "sha256-" + h.hexdigest()
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
     if not NAME.match(name) or any(part in (".", "..") for part in name.split("/")):
         raise UntrustedData(f"store file name {name!r} is not a plain relative path")
     return name
+
+
+def safe_job_id(job_id: str) -> str:
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", job_id):
+        raise UntrustedData(f"job id {job_id!r} is not a plain name")
+    return job_id
 
 
 class DirStore:
@@ -59,9 +65,7 @@ class DirStore:
         return path
 
     def _job(self, job_id: str) -> Path:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", job_id):
-            raise UntrustedData(f"job id {job_id!r} is not a plain name")
-        path = self._top("jobs") / job_id
+        path = self._top("jobs") / safe_job_id(job_id)
         path.mkdir(exist_ok=True)
         return path
 
@@ -121,7 +125,7 @@ class DirStore:
         staged.mkdir(parents=True)
         try:
             for name, source in files.items():
-                target = staged / _safe_name(name)
+                target = staged / safe_name(name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target, follow_symlinks=False)
             fsync_dir(staged)
@@ -141,8 +145,8 @@ class DirStore:
         record = self.status(job_id)
         if record is None:
             raise FileNotFoundError(f"job {job_id} has no result yet")
-        prefix = _safe_name(str(record["prefix"]))
-        shutil.copy2(self._job(job_id) / prefix / _safe_name(name), dest, follow_symlinks=False)
+        prefix = safe_name(str(record["prefix"]))
+        shutil.copy2(self._job(job_id) / prefix / safe_name(name), dest, follow_symlinks=False)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

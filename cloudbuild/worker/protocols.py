@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from cloudbuild.errors import InfraError
 
@@ -113,3 +113,15 @@ class Store(Protocol):
 
     def fetch(self, job_id: str, name: str, dest: Path) -> None:
         """Copy one file of the published result to `dest`."""
+
+
+@runtime_checkable
+class Bounded(Protocol):
+    """A queue with limits of its own the worker must fit at start-up (SQS: 12 h in flight, the
+    redrive policy's maxReceiveCount)."""
+
+    def fit(self, hold: float) -> None:
+        """Refuse (UsageError) when a job may need to stay claimed `hold` seconds."""
+
+    def max_deliveries(self) -> int:
+        """Deliveries after which the queue itself dead-letters a message."""

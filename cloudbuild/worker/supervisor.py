@@ -31,6 +31,7 @@ from cloudbuild.log import bound, get_logger
 from cloudbuild.retry import Policy, call_with_retries
 from cloudbuild.runner import run, which
 from cloudbuild.worker import job as jobs
+from cloudbuild.worker.fleet import Fleet
 from cloudbuild.worker.observe import Health, Metrics
 from cloudbuild.worker.protocols import Claim, LeaseLost, Queue, Store, Unreachable
 from cloudbuild.worker.slot import FINAL, BuildResult, Slot, SlotControl, result_files
@@ -65,8 +66,17 @@ def now_iso() -> str:
 
 
 class Supervisor:
-    def __init__(self, config: WorkerConfig, queue: Queue, store: Store, *, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        queue: Queue,
+        store: Store,
+        *,
+        metrics: Metrics | None = None,
+        fleet: Fleet | None = None,
+    ):
         self.config = config
+        self.fleet = fleet  # Auto Scaling membership (None outside a group)
         self.queue = queue
         self.store = store
         self.metrics = metrics or Metrics()
@@ -101,6 +111,13 @@ class Supervisor:
         stop_now = self._signals > 1  # the second one: stop the builds now (their jobs are still released)
         threading.Thread(target=self._after_signal, args=(stop_now,), name="on-signal", daemon=True).start()
 
+    def request_drain(self, stop_now: bool, reason: str) -> None:
+        """Take no more jobs (and with `stop_now`, stop the running builds): a lifecycle hook or a
+        spot notice asks what SIGTERM and a second SIGTERM ask."""
+        log.info("drain requested", reason=reason, stop_now=stop_now)
+        self.draining = True
+        self._after_signal(stop_now)
+
     def _after_signal(self, stop_now: bool) -> None:
         if stop_now:
             self._stop_all()
@@ -125,6 +142,8 @@ class Supervisor:
     def run(self) -> int:
         with self._handling_signals():
             self.sweep()
+            if self.fleet is not None:
+                self.fleet.watch(self.request_drain, self._busy_count)
             idle_since = time.monotonic()
             while not self.draining and self.health.broken is None:
                 if self.config.max_jobs is not None and self.claimed >= self.config.max_jobs:
@@ -145,11 +164,15 @@ class Supervisor:
                     self.config.idle_exit is not None
                     and time.monotonic() - idle_since >= self.config.idle_exit
                 ):
-                    log.info("idle: exiting", idle_seconds=self.config.idle_exit)
-                    break
+                    if self.fleet is None or self.fleet.idle_exit():
+                        log.info("idle: exiting", idle_seconds=self.config.idle_exit)
+                        break
+                    idle_since = time.monotonic()
                 self._wake.wait(POLL_SECONDS)
                 self._wake.clear()
             self._drain()
+            if self.fleet is not None:
+                self.fleet.leave(broken=self.health.broken is not None)
         if self.health.broken is not None:
             log.error("host broken: exiting 4", reason=self.health.broken)
             return int(ExitCode.HOST_BROKEN)
@@ -171,6 +194,8 @@ class Supervisor:
         thread = threading.Thread(
             target=self._slot_main, args=(number, claim, control), name=f"slot-{number}"
         )
+        if self.fleet is not None:
+            self.fleet.busy(True)  # protected from scale-in before the build starts
         with self._lock:
             self._busy[number] = (thread, control)
             self.metrics.busy_slots.set(len(self._busy))
@@ -206,6 +231,9 @@ class Supervisor:
                 with self._lock:
                     self._busy.pop(number, None)
                     self.metrics.busy_slots.set(len(self._busy))
+                    idle = not self._busy
+                if idle and self.fleet is not None:
+                    self.fleet.busy(False)
                 self._wake.set()
 
     def _slot(self, number: int) -> Slot:

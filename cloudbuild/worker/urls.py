@@ -11,6 +11,9 @@ from cloudbuild.errors import UsageError
 from cloudbuild.worker.dirqueue import DirQueue
 from cloudbuild.worker.dirstore import DirStore
 from cloudbuild.worker.protocols import Queue, Store
+from cloudbuild.worker.redisqueue import RedisQueue
+from cloudbuild.worker.s3store import S3Store
+from cloudbuild.worker.sqsqueue import SqsQueue
 
 
 def _dir_path(option: str, url: str) -> Path:
@@ -26,9 +29,13 @@ def _dir_path(option: str, url: str) -> Path:
 
 QUEUES: dict[str, Callable[[str, str], Queue]] = {
     "dir": lambda option, url: DirQueue(_dir_path(option, url)),
+    "sqs": lambda option, url: SqsQueue(url),
+    "redis": lambda option, url: RedisQueue(url),
+    "rediss": lambda option, url: RedisQueue(url),
 }
 STORES: dict[str, Callable[[str, str], Store]] = {
     "dir": lambda option, url: DirStore(_dir_path(option, url)),
+    "s3": lambda option, url: S3Store(url),
 }
 
 

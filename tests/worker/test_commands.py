@@ -34,11 +34,13 @@ def test_worker_refuses_bad_options(tmp_path: Path, extra: list[str], message: s
 
 
 def test_unknown_queue_kinds_and_relative_dir_urls_are_refused(tmp_path: Path) -> None:
-    proc = cli("status", "--store", "s3://bucket/prefix", "j")
+    proc = cli("status", "--store", "ftp://bucket/prefix", "j")
     assert (
         proc.returncode == 1
-        and "--store s3://bucket/prefix: unknown kind 's3://' (supported: dir://)" in proc.stderr
+        and "--store ftp://bucket/prefix: unknown kind 'ftp://' (supported: dir://, s3://)" in proc.stderr
     )
+    proc = cli("submit", "--queue", "amqp://host/q", "--store", f"dir://{tmp_path}", "x")
+    assert proc.returncode == 1 and "(supported: dir://, sqs://, redis://, rediss://)" in proc.stderr
     proc = cli("status", "--store", "dir://relative/path", "j")
     assert proc.returncode == 1 and "a dir:// URL names an absolute folder" in proc.stderr
 

@@ -13,6 +13,7 @@ read. A 401 means the token expired: fetch a new one once and read again.
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ class ImdsSettings:
         attempts = int(s.get_config_variable("metadata_service_num_attempts") or 1)
         # one attempt is botocore's default for credentials; identity is needed, so try a few times
         return cls(str(endpoint), timeout, max(attempts, 3))
+
+
+def imds_disabled() -> bool:
+    """`AWS_EC2_METADATA_DISABLED=true`: botocore's own switch for "no metadata service here"."""
+    return os.environ.get("AWS_EC2_METADATA_DISABLED", "false").lower() == "true"
 
 
 class Imds:
@@ -133,6 +139,25 @@ class Imds:
                     continue
                 raise ImdsError(f"instance metadata {path}: HTTP {exc.code}") from exc
         raise ImdsError(f"instance metadata {path}: token rejected twice")  # pragma: no cover
+
+    def answers(self) -> bool:
+        """Is there a metadata service at all? A token within the configured attempts (a worker
+        off EC2 learns it in about a second; a loaded host's slow answer still counts)."""
+        try:
+            self.token(refresh=True)
+        except ImdsError:
+            return False
+        return True
+
+    def find(self, path: str) -> str | None:
+        """Read `latest/meta-data/<path>`, or None where the service has nothing there (404), as for
+        `spot/instance-action` until a notice comes."""
+        try:
+            return self.get(path)
+        except ImdsError as exc:
+            if isinstance(exc.__cause__, urllib.error.HTTPError) and exc.__cause__.code == 404:
+                return None
+            raise
 
     def identity(self) -> WorkerIdentity:
         instance_id = self.get("instance-id")
