@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("cloudbuild.commands.extract", "copy results out of a raw/qcow2 disk by a blocklist manifest"),
     "blocklist": ("cloudbuild.commands.blocklist", "write the blocklist manifest of result files"),
     "gc": ("cloudbuild.commands.gc", "sweep cloud resources left by crashed workers (seen twice)"),
+    "image": ("cloudbuild.commands.image", "build or upload the builder/worker images of the clouds"),
 }
 
 USAGE = (
