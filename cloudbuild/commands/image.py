@@ -1,9 +1,10 @@
 """`cloudbuild image build|upload`: the builder and worker images of the clouds (docs/images.md).
 
-    cloudbuild image build builder|worker --cloud ec2|openstack --out FILE [--format raw|qcow2]
+    cloudbuild image build builder --cloud ec2|openstack --out FILE [--format raw|qcow2]
                            [--suite bookworm] [--mirror URL] [--cache DIR]
     cloudbuild image upload ec2 FILE [--name N]        prints the AMI id
-    cloudbuild image upload openstack FILE [--name N]  prints the Glance image id
+
+The worker image and `upload openstack` are not built yet (docs/images.md).
 
 Exit codes: 0 done, 1 bad options, 3 a tool, the mirror or the cloud failed (try again),
 4 a tool is missing on this host.
@@ -18,13 +19,15 @@ from pathlib import Path
 from cloudbuild import log as cblog
 from cloudbuild.errors import ExitCode, UsageError
 
+KINDS = ("builder",)  # the worker image: not built yet
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cloudbuild image", description="Build and upload the cloud images.")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
     sub = p.add_subparsers(dest="action", required=True, metavar="build|upload")
-    b = sub.add_parser("build", help="build a builder or worker image file")
-    b.add_argument("kind", choices=("builder", "worker"))
+    b = sub.add_parser("build", help="build a builder image file")
+    b.add_argument("kind", choices=KINDS)
     b.add_argument("--cloud", required=True, choices=("ec2", "openstack"))
     b.add_argument("--out", required=True, type=Path, metavar="FILE", help="the image file to write")
     b.add_argument("--format", dest="fmt", choices=("raw", "qcow2"), default="raw")
@@ -32,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--mirror", default="", help="Debian mirror (default: the one in this host's apt sources)")
     b.add_argument("--cache", type=Path, help="keep/reuse the debootstrap result here (a tarball)")
     u = sub.add_parser("upload", help="upload an image file to a cloud")
-    u.add_argument("cloud", choices=("ec2", "openstack"))
+    u.add_argument("cloud", choices=("ec2",))
     u.add_argument("file", type=Path, metavar="FILE")
     u.add_argument("--name", default="", help="image name (default: cloudbuild-<file name>)")
     u.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -58,12 +61,7 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError(f"upload: FILE {file} is not a file (give the image that `image build` wrote)")
     name = args.name or f"cloudbuild-{file.stem}"
     with cblog.bound(command="image upload", cloud=args.cloud, name=name):
-        if args.cloud == "ec2":
-            from cloudbuild.images.upload_ec2 import upload
+        from cloudbuild.images.upload_ec2 import upload
 
-            print(upload(file, name=name, progress=not args.no_progress))
-        else:
-            from cloudbuild.images.upload_openstack import upload as upload_os
-
-            print(upload_os(file, name=name, progress=not args.no_progress))
+        print(upload(file, name=name, progress=not args.no_progress))
     return int(ExitCode.OK)

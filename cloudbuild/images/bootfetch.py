@@ -59,9 +59,17 @@ def _request(method: str, path: str, headers: dict[str, str], *, host: str, port
 
 
 def ec2_user_data(host: str = METADATA_HOST, port: int = 80) -> bytes:
-    token = _request(
-        "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": TOKEN_TTL}, host=host, port=port
-    ).decode("ascii", "replace").strip()
+    token = (
+        _request(
+            "PUT",
+            "/latest/api/token",
+            {"X-aws-ec2-metadata-token-ttl-seconds": TOKEN_TTL},
+            host=host,
+            port=port,
+        )
+        .decode("ascii", "replace")
+        .strip()
+    )
     return _request("GET", "/latest/user-data", {"X-aws-ec2-metadata-token": token}, host=host, port=port)
 
 
@@ -114,7 +122,8 @@ def has_marker(user_data: bytes, markers: Sequence[str]) -> bool:
     return any(marker in head for marker in markers)
 
 
-def run_hook(user_data: bytes, path: Path = HOOK_PATH) -> int:
+def run_hook(user_data: bytes, path: Path | None = None) -> int:
+    path = path or HOOK_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(user_data)
     path.chmod(0o700)

@@ -17,7 +17,7 @@ log = cblog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class ImageSpec:
-    kind: str  # builder | worker
+    kind: str  # builder (the worker image is not built yet: docs/images.md)
     cloud: str  # ec2 | openstack
     suite: str = "bookworm"
     mirror: str = ""  # empty: the host's apt mirror
@@ -51,10 +51,7 @@ def build_image(spec: ImageSpec, out: Path, *, cache: Path | None = None) -> Pat
         esp.mkdir()
         base_tree(root, spec, mirror, cache)
         tree.configure_base(root, suite=spec.suite, mirror=mirror, hostname=f"cloudbuild-{spec.kind}")
-        if spec.kind == "builder":
-            content.configure_builder(root, spec.cloud)
-        else:
-            content.configure_worker(root, spec.cloud)
+        content.configure_builder(root, spec.cloud)
         kernel, initrd = tree.kernel_files(root)
         disk.esp_tree(esp, kernel, initrd)
         disk.esp_image(esp, work / "esp.img")

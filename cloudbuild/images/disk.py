@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cloudbuild import log as cblog
 from cloudbuild.errors import HostBroken, InfraError
-from cloudbuild.runner import CommandError, run, which
+from cloudbuild.runner import Arg, CommandError, run, which
 
 log = cblog.get_logger(__name__)
 
@@ -78,7 +78,7 @@ def repart(out: Path, *, esp: Path, root: Path, definitions: Path, spare: int = 
         f"SizeMinBytes={root_size}\nSizeMaxBytes={root_size}\n"
     )
     out.unlink(missing_ok=True)
-    argv = [
+    argv: list[Arg] = [
         tool,
         "--empty=create",
         "--size=auto",

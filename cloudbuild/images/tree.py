@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cloudbuild import log as cblog
 from cloudbuild.errors import HostBroken, InfraError
-from cloudbuild.runner import CommandError, run, which
+from cloudbuild.runner import Arg, CommandError, run, which
 
 log = cblog.get_logger(__name__)
 
@@ -57,7 +57,7 @@ def host_mirror(sources: Sequence[Path] = APT_SOURCES) -> str:
     for text in texts:
         for url in re.findall(r"(?:^deb\s+(?:\[[^\]]*\]\s+)?|^URIs:\s*)(\S+)", text, flags=re.M):
             if url.rstrip("/").endswith("/debian"):
-                return url.rstrip("/")
+                return str(url).rstrip("/")
     return FALLBACK_MIRROR
 
 
@@ -65,7 +65,7 @@ def debootstrap(target: Path, suite: str, packages: Sequence[str], mirror: str) 
     tool = which("debootstrap")
     if tool is None:
         raise HostBroken("debootstrap not found: run scripts/setup (apt-get install debootstrap)")
-    argv = [tool, "--variant=minbase", f"--include={','.join(packages)}", suite, target, mirror]
+    argv: list[Arg] = [tool, "--variant=minbase", f"--include={','.join(packages)}", suite, target, mirror]
     log.info("debootstrap", suite=suite, mirror=mirror, packages=len(packages))
     try:
         run(argv, timeout=3600)
@@ -135,7 +135,9 @@ def copy_guest_package(root: Path, modules: Sequence[str], dest: str = "/usr/lib
     for name in modules:
         src = source / name
         if src.is_dir():
-            shutil.copytree(src, target / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+            shutil.copytree(
+                src, target / name, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True
+            )
         else:
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target / name)

@@ -68,7 +68,9 @@ def _call(fn: Any, op: str, **kwargs: Any) -> Any:
         raise ec2_translate(exc, op) from exc
 
 
-def put_blocks(ebs: Any, image: Path, snapshot: str, size: int, progress: Progress) -> list[tuple[int, bytes]]:
+def put_blocks(
+    ebs: Any, image: Path, snapshot: str, size: int, progress: Progress
+) -> list[tuple[int, bytes]]:
     """Write every non-zero block; the (index, sha256) of each, in index order."""
     count = math.ceil(size / BLOCK)
 
@@ -108,7 +110,9 @@ def upload(image: Path, *, name: str, progress: bool = True, timeout: float = 36
         VolumeSize=gib,
         Description=f"cloudbuild image {name}",
         Tags=[{"Key": "Name", "Value": name}],
-        ClientToken=hashlib.sha256(f"{name} {image.resolve()} {os.stat(image).st_mtime_ns}".encode()).hexdigest()[:64],
+        ClientToken=hashlib.sha256(
+            f"{name} {image.resolve()} {os.stat(image).st_mtime_ns}".encode()
+        ).hexdigest()[:64],
     )["SnapshotId"]
     log.info("snapshot started", snapshot=snapshot, gib=gib)
     try:
@@ -139,7 +143,10 @@ def upload(image: Path, *, name: str, progress: bool = True, timeout: float = 36
             Architecture="x86_64",
             RootDeviceName=DEVICE,
             BlockDeviceMappings=[
-                {"DeviceName": DEVICE, "Ebs": {"SnapshotId": snapshot, "DeleteOnTermination": True, "VolumeType": "gp3"}}
+                {
+                    "DeviceName": DEVICE,
+                    "Ebs": {"SnapshotId": snapshot, "DeleteOnTermination": True, "VolumeType": "gp3"},
+                }
             ],
             VirtualizationType="hvm",
             EnaSupport=True,
@@ -153,7 +160,9 @@ def upload(image: Path, *, name: str, progress: bool = True, timeout: float = 36
 
 
 def _snapshot_completed(ec2: Any, snapshot: str) -> bool:
-    state = _call(ec2.describe_snapshots, "DescribeSnapshots", SnapshotIds=[snapshot])["Snapshots"][0]["State"]
+    state = _call(ec2.describe_snapshots, "DescribeSnapshots", SnapshotIds=[snapshot])["Snapshots"][0][
+        "State"
+    ]
     if state == "error":
         raise InfraError(f"snapshot {snapshot} failed in EBS: upload again")
     return bool(state == "completed")

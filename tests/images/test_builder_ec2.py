@@ -63,7 +63,9 @@ def image_builder(
             ]
             argv = machine.argv(image, folder, bus="nvme", disks=disks, metadata_port=port)
             result = machine.boot(argv, console, BOOT_TIMEOUT)
-            console.write(f"\n[test] qemu exited {result.returncode} (timed out: {result.timed_out})\n".encode())
+            console.write(
+                f"\n[test] qemu exited {result.returncode} (timed out: {result.timed_out})\n".encode()
+            )
         finally:
             imds.stop()
             run.console(bytes(console.data))
@@ -87,7 +89,10 @@ def test_the_ec2_builder_image_runs_a_real_build_through_its_boot_hook(
     workdir.mkdir()
     steps = DiskHostSteps(backend.options, recipe, build_id="img", workdir=workdir)
     outcome = run_build(
-        BuildJob("img", dest, workdir, limits=PhaseLimits(boot=BOOT_TIMEOUT + 60)), backend, steps, ListConsole()
+        BuildJob("img", dest, workdir, limits=PhaseLimits(boot=BOOT_TIMEOUT + 60)),
+        backend,
+        steps,
+        ListConsole(),
     )
     text = consoles[0].text if consoles else "(never booted)"
     assert outcome.exit_code == ExitCode.OK, f"{outcome.message}\n--- console ---\n{text[-6000:]}"

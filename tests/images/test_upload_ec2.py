@@ -49,7 +49,9 @@ def test_upload_writes_the_non_zero_blocks_and_registers_a_uefi_ena_ami(
     sent: list[dict[str, Any]] = []
     ec2 = ebs_env.client()
     # moto keeps only some RegisterImage fields (not EnaSupport, not the mapping): check what was sent
-    ec2.meta.events.register("provide-client-params.ec2.RegisterImage", lambda params, **_: sent.append(params))
+    ec2.meta.events.register(
+        "provide-client-params.ec2.RegisterImage", lambda params, **_: sent.append(params)
+    )
     monkeypatch.setattr(upload_ec2, "ec2_client", lambda: ec2)
     ami = upload_ec2.upload(image, name="cloudbuild-builder-test", progress=False)
     described = ec2.describe_images(ImageIds=[ami])["Images"][0]
