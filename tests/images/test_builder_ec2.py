@@ -7,6 +7,8 @@ byte-exact through the real host steps."""
 
 from __future__ import annotations
 
+import base64
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,9 +50,10 @@ def image_builder(
     """The emulator's builder: boot `image` with the instance's volumes and user data."""
 
     def play(run: BuilderRun) -> None:
-        user_data = moto_backend().get_instance(run.instance_id).user_data
+        # moto keeps the user data as RunInstances sent it (base64); IMDS serves it decoded
+        user_data = base64.b64decode(str(moto_backend().get_instance(run.instance_id).user_data))
         imds = FakeImds({"instance-id": run.instance_id})
-        imds.user_data = user_data.decode() if isinstance(user_data, bytes) else str(user_data)
+        imds.user_data = user_data.decode()
         imds.start()
         metadata.append(imds)
         console = machine.Console()
