@@ -8,7 +8,6 @@ byte-exact through the real host steps."""
 from __future__ import annotations
 
 import base64
-
 from collections.abc import Callable
 from pathlib import Path
 
