@@ -10,13 +10,12 @@ from __future__ import annotations
 import abc
 import enum
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
 
 from cloudbuild.errors import UsageError
-from cloudbuild.options import NO_VM, VmOptions
+from cloudbuild.options import BACKEND_MODULES, VmOptions
 from cloudbuild.volume import VolumePair
 
 
@@ -53,6 +52,25 @@ class Console(Protocol):
 
 ResultChannel = Literal["swap", "directory"]
 
+KILL_MARKER = ".cloudbuild-killed"
+"""The file `cloudbuild kill` (another process) leaves in a build's work folder: the build
+process then reports its machine's end as KILLED (failed, nothing extracted), not as a crash.
+The orchestrator removes a stale one (an earlier build's kill in a kept `--root`) before boot."""
+
+
+def mark_killed(workdir: Path) -> None:
+    """`cloudbuild kill` was here."""
+    if workdir.is_dir():
+        (workdir / KILL_MARKER).write_text("killed\n")
+
+
+def was_killed(workdir: Path | None) -> bool:
+    return workdir is not None and (workdir / KILL_MARKER).exists()
+
+
+def clear_killed(workdir: Path) -> None:
+    (workdir / KILL_MARKER).unlink(missing_ok=True)
+
 
 class Backend(abc.ABC):
     """One VM type. See ARCHITECTURE.md for the flow that calls these methods."""
@@ -73,6 +91,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def volumes(self, slot: BuildSlot) -> VolumePair:
         """The (not yet created) root and swap volumes of this slot."""
+
+    @property
+    def guest_swap_device(self) -> str | None:
+        """VM_SWAP in build.data: the swap as the guest names it; None (the default): the guest
+        finds it by itself (a container, a machine that gets it as its second disk)."""
+        return None
 
     def fixup(self, buildroot: Path) -> None:  # noqa: B027 - optional hook
         """Adjust the staged build root for this VM type (obs-build's vm_fixup)."""
@@ -96,21 +120,6 @@ class Backend(abc.ABC):
 
 _REGISTRY: dict[str, type[Backend]] = {}
 
-# Where each VM type lives; imported on first use so `cloudbuild --help` does not import boto3.
-_MODULES: dict[str, str] = {
-    NO_VM: "local_backends.machines.chroot",
-    "kvm": "local_backends.machines.kvm",
-    "qemu": "local_backends.machines.qemu",
-    "xen": "local_backends.machines.xen",
-    "uml": "local_backends.machines.uml",
-    "lxc": "local_backends.machines.lxc",
-    "zvm": "local_backends.machines.zvm",
-    "emulator": "local_backends.machines.emulator",
-    "ec2": "cloudbuild.cloud.ec2",
-    "openstack": "cloudbuild.cloud.openstack",
-}
-
-
 def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make `cls` the backend of `cls.name`."""
     _REGISTRY[cls.name] = cls
@@ -120,7 +129,7 @@ def register(cls: type[Backend]) -> type[Backend]:
 def backend_class(vm_type: str) -> type[Backend]:
     """The Backend class for a VM type, importing its module on first use."""
     if vm_type not in _REGISTRY:
-        module = _MODULES.get(vm_type)
+        module = BACKEND_MODULES.get(vm_type)
         if module is None:
             raise UsageError(f"VM '{vm_type}' is not supported")
         try:
@@ -130,12 +139,10 @@ def backend_class(vm_type: str) -> type[Backend]:
                 raise
             raise UsageError(f"--vm-type {vm_type}: this backend is not available in this version") from exc
     if vm_type not in _REGISTRY:
-        raise UsageError(f"--vm-type {vm_type}: module {_MODULES[vm_type]} registers no backend")
+        raise UsageError(f"--vm-type {vm_type}: module {BACKEND_MODULES[vm_type]} registers no backend")
     return _REGISTRY[vm_type]
 
 
 def create_backend(options: VmOptions) -> Backend:
     return backend_class(options.vm_type)(options)
 
-
-BackendFactory = Callable[[VmOptions], Backend]

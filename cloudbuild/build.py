@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, clear_killed
 from cloudbuild.deadline import Deadline
 from cloudbuild.errors import (
     BuildFailed,
@@ -157,14 +157,17 @@ class Orchestrator:
         pair = self.pair
         swap_channel = self.backend.channel == "swap"
         with self.phase("prepare", limits.prepare) as deadline:
-            root_dev = self._attach(pair.root)
+            root_dev = self._attach(pair.root, first_use=True)
             self.steps.prepare_root(root_dev, self.backend, deadline)
             if swap_channel:
                 pair.root.detach()
                 if pair.swap is not None:
-                    self.steps.reset_swap(self._attach(pair.swap), deadline)
+                    self.steps.reset_swap(self._attach(pair.swap, first_use=True), deadline)
                     pair.swap.detach()
         with self.phase("boot", limits.boot) as deadline:
+            # an earlier build's `cloudbuild kill` in a kept --root must not make this one "killed";
+            # here, once, for every backend (each reads the marker when its machine ends)
+            clear_killed(self.slot.workdir)
             self._running = True
             result = self.backend.boot_and_wait(
                 pair, self.slot, timeout=deadline.seconds, console=self.console
@@ -194,11 +197,15 @@ class Orchestrator:
         except CloudbuildError as exc:
             log.warning("no statistics of the failed build", error=str(exc))
 
-    def _attach(self, volume: Volume) -> Path:
+    def _attach(self, volume: Volume, *, first_use: bool = False) -> Path:
+        """Attach here; on first use, a supplied volume (not ours) is wiped of what an earlier
+        user left on it, here and only here, for every backend."""
         with bound(volume=volume.id, role=volume.role.value):
             device = volume.attach()
-        if device is None:
-            raise InfraError(f"{volume!r}: attach to this worker returned no device")
+            if device is None:
+                raise InfraError(f"{volume!r}: attach to this worker returned no device")
+            if first_use and not volume.owned:
+                volume.wipe(device)
         return device
 
     def _status(self, result: BootResult, pair: VolumePair, seconds: float) -> int:

@@ -21,6 +21,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("cloudbuild.commands.extract", "copy results out of a raw/qcow2 disk by a blocklist manifest"),
     "blocklist": ("cloudbuild.commands.blocklist", "write the blocklist manifest of result files"),
     "gc": ("cloudbuild.commands.gc", "sweep cloud resources left by crashed workers (seen twice)"),
+    "worker": ("cloudbuild.commands.worker", "take build jobs from a queue, build them, store the results"),
+    "submit": ("cloudbuild.commands.submit", "queue a build job (a recipe or a job document); prints its id"),
+    "status": (
+        "cloudbuild.commands.status",
+        "a job's state: queued, running, done (exit code), failed-permanently",
+    ),
+    "results": ("cloudbuild.commands.results", "fetch a finished job's artifacts, log and statistics"),
+    "logs": ("cloudbuild.commands.logs", "a job's build log, live with --follow"),
     "image": ("cloudbuild.commands.image", "build or upload the builder/worker images of the clouds"),
 }
 

@@ -20,9 +20,24 @@ from typing import Any, Literal
 
 from cloudbuild.errors import UsageError
 
-VM_TYPES = ("kvm", "qemu", "xen", "uml", "lxc", "zvm", "emulator", "ec2", "openstack")
 NO_VM = "none"
-CLOUD_VM_TYPES = ("ec2", "openstack")
+BACKEND_MODULES: dict[str, str] = {
+    # The one registry of VM types: name -> the module whose Backend serves it, imported on first
+    # use so `cloudbuild --help` never imports boto3 or openstacksdk. A cloud's module is
+    # `cloudbuild.cloud.<name>.backend`; its package's `gc` module serves `cloudbuild gc`.
+    NO_VM: "local_backends.machines.chroot",
+    "kvm": "local_backends.machines.kvm",
+    "qemu": "local_backends.machines.qemu",
+    "xen": "local_backends.machines.xen",
+    "uml": "local_backends.machines.uml",
+    "lxc": "local_backends.machines.lxc",
+    "zvm": "local_backends.machines.zvm",
+    "emulator": "local_backends.machines.emulator",
+    "ec2": "cloudbuild.cloud.ec2.backend",
+    "openstack": "cloudbuild.cloud.openstack.backend",
+}
+VM_TYPES = tuple(name for name in BACKEND_MODULES if name != NO_VM)
+CLOUD_VM_TYPES = tuple(name for name, module in BACKEND_MODULES.items() if module.startswith("cloudbuild.cloud."))
 FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs", "reiserfs")
 DEFAULT_MOUNT_OPTIONS = "__default"
 LOG_FORMATS = ("auto", "console", "json")

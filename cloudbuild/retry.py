@@ -40,9 +40,6 @@ class Policy:
 CLOUD_API = Policy(deadline=300.0, initial=0.5, maximum=15.0, attempts=30)
 """Throttling and eventual consistency of a cloud API."""
 
-DEVICE = Policy(deadline=60.0, initial=0.05, maximum=1.0, attempts=1000)
-"""A block device node appearing after an attach."""
-
 # Tests shrink the real sleeps; production never touches this.
 _sleep: Callable[[float], None] = time.sleep
 

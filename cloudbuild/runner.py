@@ -9,10 +9,11 @@ Long-running processes (a VM, a container) are started with `spawn()` and stoppe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -122,8 +123,13 @@ def spawn(
     env: Mapping[str, str] | None = None,
     cwd: Arg | None = None,
     new_session: bool = True,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running process (a VM, a container) in its own session so it can be killed whole."""
+    """Start a long-running process (a VM, a container) in its own session so it can be killed whole.
+
+    `die_with_parent`: the process gets SIGTERM when the thread that spawned it dies, even by
+    SIGKILL (prctl PR_SET_PDEATHSIG), so a supervisor's sudden death stops its builds cleanly.
+    """
     args = _argv(argv)
     log.info("spawn", argv=args)
     try:
@@ -135,9 +141,17 @@ def spawn(
             env=dict(env) if env is not None else None,
             cwd=cwd,
             start_new_session=new_session,
+            preexec_fn=_pdeathsig_setter() if die_with_parent else None,
         )
     except FileNotFoundError as exc:
         raise CommandError(args, 127, f"{args[0]}: command not found") from exc
+
+
+def _pdeathsig_setter() -> Callable[[], None]:
+    # libc is looked up here, before the fork: dlopen in a forked child of a threaded process can deadlock
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def terminate(proc: subprocess.Popen[Any], *, grace: float = 5.0) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -82,6 +82,12 @@ class Volume(abc.ABC):
     def state(self) -> VolumeState:
         """The current state as the backing store reports it."""
 
+    @property
+    def local_path(self) -> Path | None:
+        """The volume's file or device right here, usable without an attach (a local image);
+        None (the default) for a volume that must be attached first."""
+        return None
+
     def wipe(self, device: Path) -> None:  # noqa: B027 - optional hook, default is "nothing to wipe"
         """Discard old contents of a reused volume while it is attached here at `device`."""
 
@@ -101,10 +107,8 @@ class VolumePair:
 
     root: Volume
     swap: Volume | None = None
-    extra: list[Volume] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Volume]:
         yield self.root
         if self.swap is not None:
             yield self.swap
-        yield from self.extra

@@ -44,6 +44,10 @@ class LocalVolume(Volume):
         self.created = False
 
     @property
+    def local_path(self) -> Path | None:
+        return self.path
+
+    @property
     def id(self) -> str:
         return str(self.path)
 

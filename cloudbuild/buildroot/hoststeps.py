@@ -74,7 +74,7 @@ class DiskHostSteps:
             self.options,
             self.recipe,
             build_id=self.build_id,
-            guest_swap=getattr(backend, "guest_swap_device", None),
+            guest_swap=backend.guest_swap_device,
             extra=self.extra_variables,
         )
         rootfs = Path(self.options.rootfs or "")

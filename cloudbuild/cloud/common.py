@@ -22,14 +22,10 @@ The adapter interface (`GcAdapter`) is the contract; `sweep()` is the policy.
 
 from __future__ import annotations
 
-import contextlib
+import abc
 import datetime as dt
-import fcntl
-import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
 
 from cloudbuild.log import get_logger
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_GC_SEEN, TAG_OWNER, TAG_ROLE, TAG_SLOT
@@ -46,7 +42,6 @@ __all__ = [
     "TAG_POOL",
     "TAG_ROLE",
     "TAG_SLOT",
-    "BuildLocks",
     "GcAdapter",
     "GcReport",
     "Resource",
@@ -158,83 +153,35 @@ class Resource:
         return self.tags.get(TAG_OWNER) or None
 
 
-class GcAdapter(Protocol):
-    """What a cloud must provide for `sweep()`. Implementations stay thin: no policy in them."""
+class GcAdapter(abc.ABC):
+    """What a cloud must provide for `sweep()`. Implementations stay thin: no policy in them.
+    Every member `sweep()` reads is declared here; `build_alive` has a default."""
 
+    @abc.abstractmethod
     def list_resources(self) -> Iterable[Resource]:
         """Every resource carrying cloudbuild's tags (volumes, machines, snapshots, images)."""
         ...
 
+    @abc.abstractmethod
     def owner_alive(self, owner: str) -> bool:
         """True while the worker `owner` exists and is not terminated (stopped counts as alive)."""
         ...
 
+    @abc.abstractmethod
     def tag_seen(self, resource: Resource, when: dt.datetime | None) -> None:
         """Set `cloudbuild:gc-seen` to `when` (RFC 3339), or remove it when `when` is None."""
         ...
 
+    @abc.abstractmethod
     def delete_resource(self, resource: Resource) -> None:
         """Delete (terminate, deregister) the resource and wait until it no longer blocks others."""
         ...
 
-    # Optional (looked up with getattr, so an adapter may leave it out):
-    # def build_alive(self, resource: Resource) -> bool | None:
-    #     """Whether the build named by the resource still runs on its owner; None: cannot tell here.
-    #     Adapters answer it with `BuildLocks.alive` when the sweep runs on the owner itself."""
-
-
-class BuildLocks:
-    """One lock file per running build on a worker (`<dir>/build-<id>.lock`), held by the build
-    process with `flock`: the kernel releases it when the process exits or is killed, so a sweep on
-    the same worker can tell a crashed build's resources from a running build's."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def _path(self, build_id: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in build_id)
-        return self.directory / f"build-{safe}.lock"
-
-    @contextlib.contextmanager
-    def hold(self, build_id: str) -> Iterator[None]:
-        fd = self.acquire(build_id)
-        try:
-            yield
-        finally:
-            self.release(build_id, fd)
-
-    def acquire(self, build_id: str) -> int:
-        """Take the build's lock (non-blocking: a second holder of the same build id is a bug)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._path(build_id), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise
-        return fd
-
-    def release(self, build_id: str, fd: int) -> None:
-        with contextlib.suppress(OSError):
-            self._path(build_id).unlink()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-    def alive(self, build_id: str) -> bool:
-        """True while some process on this host holds the build's lock."""
-        try:
-            fd = os.open(self._path(build_id), os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        finally:
-            os.close(fd)
+    def build_alive(self, resource: Resource) -> bool | None:
+        """Whether the build named by the resource still runs on its owner; None (the default):
+        cannot tell here. Adapters answer it with `base.BuildLocks.alive` when the sweep runs on
+        the owner itself, so a build whose process died is swept before its lease expires."""
+        return None
 
 
 def leak_reason(
@@ -298,7 +245,6 @@ def sweep(
             alive[owner] = adapter.owner_alive(owner)
         return alive[owner]
 
-    build_alive: Callable[[Resource], bool | None] | None = getattr(adapter, "build_alive", None)
     resources = sorted(adapter.list_resources(), key=lambda r: r.order)
     for resource in resources:
         rlog = log.bind(resource=resource.id, kind=resource.kind, dry_run=dry_run)
@@ -306,7 +252,7 @@ def sweep(
             report.ignored.append(resource.id)
             rlog.debug("gc ignores untagged resource")
             continue
-        reason = leak_reason(resource, now=when, owner_alive=owner_alive, build_alive=build_alive)
+        reason = leak_reason(resource, now=when, owner_alive=owner_alive, build_alive=adapter.build_alive)
         seen_text = resource.tags.get(TAG_GC_SEEN)
         seen = parse_time(seen_text)
         if reason is None:

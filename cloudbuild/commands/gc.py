@@ -1,7 +1,7 @@
 """`cloudbuild gc --vm-type ec2|openstack [--dry-run] [--min-age SECONDS]`: sweep leaked cloud resources.
 
 The rule (seen twice, `--min-age` apart) lives in `cloudbuild.cloud.common.sweep`; this command
-only picks the cloud's adapter: the module `cloudbuild.cloud.<vm-type>` provides
+only picks the cloud's adapter: the module `cloudbuild.cloud.<vm-type>.gc` provides
 `gc_adapter() -> GcAdapter`. Exit 0 when the sweep did everything it decided to, 3 when an action
 failed (the next sweep tries again).
 """
@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from cloudbuild import log as cblog
 from cloudbuild.cloud.common import DEFAULT_MIN_AGE, GcAdapter, sweep
 from cloudbuild.errors import ExitCode, UsageError
-
-CLOUDS = ("ec2", "openstack")
+from cloudbuild.options import CLOUD_VM_TYPES
 
 
 def _min_age(text: str) -> float:
@@ -38,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
             "first saw it leaked (that one only marks it). Untagged resources are never touched."
         ),
     )
-    p.add_argument("--vm-type", required=True, choices=CLOUDS, help="the cloud to sweep")
+    p.add_argument("--vm-type", required=True, choices=CLOUD_VM_TYPES, help="the cloud to sweep")
     p.add_argument("--dry-run", action="store_true", help="log the decisions, change nothing")
     p.add_argument(
         "--min-age",
@@ -52,12 +51,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def adapter_for(vm_type: str) -> GcAdapter:
-    """The GC adapter of a cloud: `cloudbuild.cloud.<vm_type>.gc_adapter()`."""
-    if vm_type not in CLOUDS:
+    """The GC adapter of a cloud: `cloudbuild.cloud.<vm_type>.gc.gc_adapter()`."""
+    if vm_type not in CLOUD_VM_TYPES:
         raise UsageError(
-            f"gc: --vm-type {vm_type} has no cloud resources to sweep (choose {', '.join(CLOUDS)})"
+            f"gc: --vm-type {vm_type} has no cloud resources to sweep (choose {', '.join(CLOUD_VM_TYPES)})"
         )
-    module = importlib.import_module(f"cloudbuild.cloud.{vm_type}")
+    module = importlib.import_module(f"cloudbuild.cloud.{vm_type}.gc")
     factory: Callable[[], GcAdapter] | None = getattr(module, "gc_adapter", None)
     if factory is None:
         raise UsageError(f"gc: --vm-type {vm_type} does not support gc in this version")

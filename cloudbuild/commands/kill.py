@@ -28,7 +28,7 @@ from pathlib import Path
 
 from cloudbuild import log as cblog
 from cloudbuild import options as cboptions
-from cloudbuild.backend import Backend, BuildSlot, create_backend
+from cloudbuild.backend import Backend, BuildSlot, create_backend, mark_killed
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import CloudbuildError, UsageError
 from cloudbuild.volume import Volume
@@ -37,7 +37,6 @@ log = cblog.get_logger(__name__)
 
 USAGE = "usage: cloudbuild kill --vm-type TYPE --build-id ID [--root DIR] [the build's vm options]"
 KILLED_STATUS = 1
-KILL_MARKER = ".cloudbuild-killed"  # read by the local backends (local_backends/machines/vmproc.py)
 
 
 def work_folders(options: cboptions.VmOptions, build_id: str) -> list[Path]:
@@ -51,8 +50,8 @@ def work_folders(options: cboptions.VmOptions, build_id: str) -> list[Path]:
 
 def _local_path(volume: Volume) -> Path | None:
     """The swap's path when it is a file or device right here (no attach needed), else None."""
-    path = getattr(volume, "path", None)
-    if isinstance(path, Path) and path.exists() and not path.is_dir():
+    path = volume.local_path
+    if path is not None and path.exists() and not path.is_dir():
         return path
     return None
 
@@ -80,7 +79,7 @@ def kill_slot(backend: Backend, slot: BuildSlot) -> None:
     if pair.swap is not None:
         mark_swap(pair.swap, attach=False)
     # tells the build process that its machine was stopped on purpose (KILLED, not a crash)
-    (slot.workdir / KILL_MARKER).write_text("killed\n")
+    mark_killed(slot.workdir)
     backend.kill()
     if pair.swap is not None:
         try:

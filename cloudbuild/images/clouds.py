@@ -8,11 +8,11 @@ cannot drift apart.
 
 from __future__ import annotations
 
-from cloudbuild.cloud.ec2 import user_data as ec2_user_data
-from cloudbuild.cloud.ec2_api import client as ec2_client
-from cloudbuild.cloud.ec2_api import transient as ec2_transient
-from cloudbuild.cloud.ec2_api import translate as ec2_translate
-from cloudbuild.cloud.openstack_server import user_data as openstack_user_data
+from cloudbuild.cloud.ec2.api import client as ec2_client
+from cloudbuild.cloud.ec2.api import transient as ec2_transient
+from cloudbuild.cloud.ec2.api import translate as ec2_translate
+from cloudbuild.cloud.ec2.builder import user_data as ec2_user_data
+from cloudbuild.cloud.openstack.builder import user_data as openstack_user_data
 
 __all__ = ["ec2_client", "ec2_transient", "ec2_translate", "ec2_user_data", "markers", "openstack_user_data"]
 

@@ -12,7 +12,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason
+from cloudbuild.backend import (
+    Backend,
+    BootResult,
+    BuildSlot,
+    Console,
+    ExitReason,
+    clear_killed,
+    mark_killed,
+    was_killed,
+)
 from cloudbuild.errors import InfraError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
@@ -63,7 +72,7 @@ class DirectoryBackend(Backend):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / agentroot.STATUS_FILE).unlink(missing_ok=True)
         assert self.workdir is not None
-        vmproc.clear_killed(self.workdir)
+        clear_killed(self.workdir)
         return folder
 
     def run_watched(
@@ -96,7 +105,7 @@ class DirectoryBackend(Backend):
             exit_,
             watchdog,
             name=self.name,
-            killed=vmproc.was_killed(self.workdir),
+            killed=was_killed(self.workdir),
             killed_status=1,
             ended=self.exited,
         )
@@ -111,13 +120,13 @@ class DirectoryBackend(Backend):
 
     def mark_killed(self) -> None:
         if self.workdir is not None:
-            vmproc.mark_killed(self.workdir)
+            mark_killed(self.workdir)
 
     def cleanup(self) -> None:
         for proc in list(self._procs):
             terminate(proc)
         if self.workdir is not None:
-            vmproc.clear_killed(self.workdir)
+            clear_killed(self.workdir)
             shutil.rmtree(self.status_dir, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, ClassVar
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason
+from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, clear_killed, was_killed
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
 from cloudbuild.runner import Arg, run, spawn, terminate, which
@@ -26,23 +26,6 @@ from cloudbuild.watchdog import Watchdog, watchdog_timeout
 from local_backends.localvolume import LocalVolume
 
 log = get_logger(__name__)
-
-
-KILL_MARKER = ".cloudbuild-killed"
-
-
-def mark_killed(workdir: Path) -> None:
-    """`cloudbuild kill` was here: the build process reports its machine's end as KILLED, not a crash."""
-    if workdir.is_dir():
-        (workdir / KILL_MARKER).write_text("killed\n")
-
-
-def was_killed(workdir: Path | None) -> bool:
-    return workdir is not None and (workdir / KILL_MARKER).exists()
-
-
-def clear_killed(workdir: Path) -> None:
-    (workdir / KILL_MARKER).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

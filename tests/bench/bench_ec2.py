@@ -160,8 +160,8 @@ def moto_world() -> Iterator[Any]:
 
     import tests.fakes.moto_server as fx
     from cloudbuild import retry
-    from cloudbuild.cloud.ec2 import client
-    from cloudbuild.cloud.ec2_nvme import HostPaths
+    from cloudbuild.cloud.ec2.api import client
+    from cloudbuild.cloud.ec2.devices import HostPaths
     from tests.fakes.imds import FakeImds
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -214,9 +214,9 @@ def moto_world() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def recording(ec2: Any) -> Iterator[Recording]:
-    import cloudbuild.cloud.ec2 as ec2_backend
-    import cloudbuild.cloud.ec2_gc as ec2_gc
-    import cloudbuild.cloud.ec2_volume as ec2_volume
+    import cloudbuild.cloud.ec2.backend as ec2_backend
+    import cloudbuild.cloud.ec2.gc as ec2_gc
+    import cloudbuild.cloud.ec2.volume as ec2_volume
 
     modules = (ec2_backend, ec2_volume, ec2_gc)
     rec = Recording()
@@ -248,7 +248,8 @@ def recording(ec2: Any) -> Iterator[Recording]:
 
 def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
     from cloudbuild.build import BuildJob, run_build
-    from tests.fakes.moto_server import FakeHostSteps, ListConsole
+    from tests.fakes.console import RecordingConsole
+    from tests.fakes.hoststeps import FakeHostSteps
 
     backend = world.backend(ec2_pool=pool, limits=_limits())
     with recording(world.ec2) as rec:
@@ -256,7 +257,7 @@ def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
             BuildJob(build_id, world.tmp / f"dest-{build_id}", world.tmp / f"work-{build_id}"),
             backend,
             FakeHostSteps(),
-            ListConsole(),
+            RecordingConsole(),
         )
     if outcome.exit_code != 0:
         raise SystemExit(f"bench build {build_id} failed: {outcome.message}")
@@ -264,7 +265,7 @@ def cloudbuild_build(world: Any, build_id: str, *, pool: int) -> Recording:
 
 
 def _limits() -> Any:
-    from cloudbuild.cloud.ec2 import Ec2Limits
+    from cloudbuild.cloud.ec2.api import Ec2Limits
 
     return Ec2Limits(poll=0.001, poll_max=0.005, console_poll_max=0.005)
 

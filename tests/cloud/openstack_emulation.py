@@ -25,14 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloudbuild.backend import Backend
-from cloudbuild.cloud.openstack import OpenStackBackend
-from cloudbuild.cloud.openstack_api import Timeouts
-from cloudbuild.deadline import Deadline
+from cloudbuild.cloud.openstack.api import Timeouts
+from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.disk import buildstatus
-from cloudbuild.disk.image import zero_head
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import Role, VolumePair
+from tests.fakes import timings
 from tests.fakes.openstack import Bdm, FakeOpenStack, FakeServer, FakeVolume
 
 GIB = 1024 * 1024 * 1024
@@ -138,49 +136,19 @@ def _tagged(metadata: dict[str, str]) -> bool:
 
 # -- the worker side of a test build -------------------------------------------------------------
 
-FAST = Timeouts(
-    volume_ready=10, attach=2, detach=2, device=2, delete=10, poll=0.01, poll_max=0.05, console=0.02
-)
-"""Deadlines and poll intervals for tests: every wait of a test build ends within seconds."""
-
-
-class Sink:
-    """A console sink that keeps everything."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
-class Steps:
-    """Host steps that mark the root and read the status the guest left on swap (no mkfs)."""
-
-    def prepare_root(self, device: Path, backend: Backend, deadline: Deadline) -> None:
-        with open(device, "r+b") as f:
-            f.write(b"ROOT")
-
-    def reset_swap(self, device: Path, deadline: Deadline) -> None:
-        zero_head(device)
-
-    def read_status(self, device: Path) -> int | None:
-        return buildstatus.read(device)
-
-    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
-        pass  # the emulated guest writes no statistics
-
-    def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
-        dest.mkdir(parents=True, exist_ok=True)
-        with open(root, "rb") as f:
-            (dest / "root-head").write_bytes(f.read(4))
+FAST = timings.OPENSTACK
 
 
 def make_backend(
     metadata_base: str, dev_root: Path, state_dir: Path, *, timeouts: Timeouts = FAST, **options: Any
 ) -> OpenStackBackend:
     """The backend as a worker builds it, pointed at the fake's metadata service and our /dev."""
-    defaults: dict[str, Any] = {"vm_type": "openstack", "vm_kernel": "cirros", "disk_size": 1024, "swap_size": 1024}
+    defaults: dict[str, Any] = {
+        "vm_type": "openstack",
+        "vm_kernel": "cirros",
+        "disk_size": 1024,
+        "swap_size": 1024,
+    }
     return OpenStackBackend(
         VmOptions(**(defaults | options)),
         timeouts=timeouts,

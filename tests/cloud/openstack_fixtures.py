@@ -1,8 +1,6 @@
 """pytest fixtures around the fake OpenStack cloud (tests/fakes/openstack.py).
 
-A test module loads them with (a plain import would trip ruff's F811 on every fixture argument)::
-
-    pytest_plugins = ["tests.cloud.openstack_fixtures"]
+tests/conftest.py loads them as a plugin for every test module.
 
 None of them is autouse (a plugin's fixtures are visible to every test). A module that runs the
 backend against the emulated worker host asks for them with
@@ -18,7 +16,6 @@ constants:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +23,8 @@ import openstack
 import openstack.connection
 import pytest
 
-import cloudbuild.retry
 from tests.cloud.openstack_emulation import Emulation
+from tests.fakes import timings
 from tests.fakes.openstack import FakeOpenStack
 
 
@@ -39,7 +36,8 @@ def openstack_fake() -> Iterator[FakeOpenStack]:
         assert not fake.internal_errors, "the fake OpenStack crashed:\n" + "\n".join(fake.internal_errors)
         assert not fake.unknown_calls, (
             f"calls the fake OpenStack does not implement: {fake.unknown_calls}; implement them in "
-            "tests/fakes/openstack.py or clear fake.unknown_calls in a test that expects them")
+            "tests/fakes/openstack.py or clear fake.unknown_calls in a test that expects them"
+        )
 
 
 @pytest.fixture
@@ -51,8 +49,9 @@ def openstack_conn(openstack_fake: FakeOpenStack) -> Iterator[openstack.connecti
 
 
 @pytest.fixture
-def openstack_cloud_env(openstack_fake: FakeOpenStack, tmp_path: Path,
-                        monkeypatch: pytest.MonkeyPatch) -> str:
+def openstack_cloud_env(
+    openstack_fake: FakeOpenStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
     """A clouds.yaml for the fake, selected through OS_CLIENT_CONFIG_FILE and OS_CLOUD.
 
     Returns the cloud name, so ``openstack.connect()`` and ``openstack.connect(cloud=name)`` both work.
@@ -73,17 +72,19 @@ def openstack_cloud_env(openstack_fake: FakeOpenStack, tmp_path: Path,
 @pytest.fixture
 def fast_sleeps(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """cloudbuild.retry sleeps at most the module's ``RETRY_SLEEP_CAP`` seconds (default 0.02)."""
-    cap: float = getattr(request.module, "RETRY_SLEEP_CAP", 0.02)
-    monkeypatch.setattr(cloudbuild.retry, "_sleep", lambda s: time.sleep(min(s, cap)))
+    timings.cap_retry_sleeps(monkeypatch, getattr(request.module, "RETRY_SLEEP_CAP", timings.RETRY_SLEEP_CAP))
 
 
 @pytest.fixture
-def emu(openstack_fake: FakeOpenStack, openstack_cloud_env: str, tmp_path: Path,
-        request: pytest.FixtureRequest) -> Iterator[Emulation]:
+def emu(
+    openstack_fake: FakeOpenStack, openstack_cloud_env: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Emulation]:
     """The fake with the worker host emulated around it (image files, udev, the module's
     ``EMULATION_GUEST`` as builder). Afterwards: the guests ended without crashing, and no
     cloudbuild-tagged server or volume is left in the cloud, nothing attached to the worker."""
-    emulation = Emulation(openstack_fake, tmp_path / "host", guest=getattr(request.module, "EMULATION_GUEST", None))
+    emulation = Emulation(
+        openstack_fake, tmp_path / "host", guest=getattr(request.module, "EMULATION_GUEST", None)
+    )
     yield emulation
     emulation.join(timeout=getattr(request.module, "EMULATION_JOIN_TIMEOUT", 60.0))
     assert not emulation.errors, emulation.errors

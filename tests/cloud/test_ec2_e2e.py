@@ -20,21 +20,13 @@ import pytest
 
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps
-from cloudbuild.cloud.ec2_nvme import serial_of
+from cloudbuild.cloud.ec2.devices import serial_of
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import Role, VolumePair
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
-    BuilderRun,
-    Ec2World,
-    ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
-    moto_server_fixture,
-)
+from tests.fakes.console import RecordingConsole
+from tests.fakes.moto_server import BuilderRun, Ec2World
 from tests.vm.localbuild import recipe as write_recipe
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -102,7 +94,7 @@ def test_a_real_build_on_an_emulated_ec2_builder(ec2_world: Ec2World, tmp_path: 
     workdir = tmp_path / "work"
     workdir.mkdir()
     steps = DiskHostSteps(backend.options, recipe, build_id="e2e", workdir=workdir)
-    console = ListConsole()
+    console = RecordingConsole()
     outcome = run_build(BuildJob("e2e", dest, workdir, limits=PhaseLimits(boot=900)), backend, steps, console)
     log = console.text.decode(errors="replace")
     assert outcome.exit_code == ExitCode.OK, f"{outcome.message}\n--- console ---\n{log[-4000:]}"

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
 
+from cloudbuild.backend import KILL_MARKER
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
-from cloudbuild.cloud.common import TAG_POOL
-from cloudbuild.cloud.ec2 import Ec2Limits
+from cloudbuild.cloud.common import TAG_POOL, parse_time, utcnow
+from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.errors import ExitCode
-from cloudbuild.volume import TAG_BUILD, TAG_OWNER
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
-    FAST,
-    BuilderRun,
-    Ec2World,
-    FakeHostSteps,
-    Faults,
-    ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
-    fake_build,
-    moto_backend,
-    moto_server_fixture,
-)
+from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE
+from tests.fakes.console import RecordingConsole
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.fakes.moto_server import FAST, BuilderRun, Ec2World, Faults, fake_build, moto_backend
 
 
 def job(world: Ec2World, build_id: str = "b1", **limits: float) -> BuildJob:
@@ -35,7 +25,7 @@ def job(world: Ec2World, build_id: str = "b1", **limits: float) -> BuildJob:
 
 
 def test_build_runs_on_a_builder_and_leaves_nothing(ec2_world: Ec2World) -> None:
-    console = ListConsole()
+    console = RecordingConsole()
     steps = FakeHostSteps()
     outcome = run_build(job(ec2_world), ec2_world.backend(), steps, console)
     assert outcome.exit_code == ExitCode.OK, outcome.message
@@ -44,9 +34,18 @@ def test_build_runs_on_a_builder_and_leaves_nothing(ec2_world: Ec2World) -> None
     assert steps.calls == ["prepare_root", "reset_swap", "read_status", "extract"]
 
 
+def test_stale_kill_marker_of_an_earlier_build_does_not_fail_this_one(ec2_world: Ec2World) -> None:
+    the_job = job(ec2_world)
+    the_job.workdir.mkdir(parents=True)
+    (the_job.workdir / KILL_MARKER).write_text("killed\n")  # an earlier build's kill, kept --root
+    outcome = run_build(the_job, ec2_world.backend(), FakeHostSteps(), RecordingConsole())
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert (ec2_world.tmp / "dest-b1" / "result").read_bytes().startswith(b"RESULT-OF-i-")
+
+
 def test_failed_build_is_exit_1_and_cleans_up(ec2_world: Ec2World) -> None:
     ec2_world.emulator.play = fake_build(1)
-    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.BUILD_FAILED
 
 
@@ -60,7 +59,7 @@ def test_console_is_streamed_incrementally_without_repeats(ec2_world: Ec2World) 
             threading.Event().wait(0.002)
 
     ec2_world.emulator.play = play
-    console = ListConsole()
+    console = RecordingConsole()
     outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), console)
     assert outcome.exit_code == ExitCode.OK, outcome.message
     text = console.text
@@ -78,7 +77,9 @@ def test_build_timeout_stops_the_builder_exit_3(ec2_world: Ec2World) -> None:
 
     ec2_world.emulator.play = hang
     try:
-        outcome = run_build(job(ec2_world, boot=0.5), ec2_world.backend(), FakeHostSteps(), ListConsole())
+        outcome = run_build(
+            job(ec2_world, boot=0.5), ec2_world.backend(), FakeHostSteps(), RecordingConsole()
+        )
     finally:
         release.set()
     assert outcome.exit_code == ExitCode.INFRA
@@ -95,21 +96,21 @@ def test_builder_that_vanishes_is_exit_3(ec2_world: Ec2World) -> None:
         run.outcome = "vanish"
 
     ec2_world.emulator.play = vanish
-    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA and "crashed" in outcome.message
 
 
 def test_no_capacity_for_the_builder_is_exit_3_and_volumes_go(ec2_world: Ec2World) -> None:
     faults = Faults(ec2_world.ec2)
     faults.fail("RunInstances", "InsufficientInstanceCapacity", times=1)
-    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA and "InsufficientInstanceCapacity" in outcome.message
     assert faults.count("DeleteVolume") == 2
 
 
 def test_instance_quota_is_exit_3(ec2_world: Ec2World) -> None:
     Faults(ec2_world.ec2).fail("RunInstances", "InstanceLimitExceeded", times=1)
-    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA
 
 
@@ -124,7 +125,7 @@ def test_attach_to_the_builder_timing_out_is_exit_3_and_terminates_it(ec2_world:
         when=lambda body: body.get("InstanceId") != ec2_world.worker_id,
     )
     limits = Ec2Limits(**{**FAST.__dict__, "attach": 0.3, "flip_grace": 10.0})
-    outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA
     state = ec2_world.ec2.describe_instances(InstanceIds=builder_ids)["Reservations"][0]["Instances"][0][
         "State"
@@ -135,7 +136,9 @@ def test_attach_to_the_builder_timing_out_is_exit_3_and_terminates_it(ec2_world:
 def test_warm_pool_reuses_a_stopped_builder(ec2_world: Ec2World) -> None:
     ec2_world.aws.allow_pool = True
     faults = Faults(ec2_world.ec2)
-    first = run_build(job(ec2_world, "b1"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), ListConsole())
+    first = run_build(
+        job(ec2_world, "b1"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), RecordingConsole()
+    )
     assert first.exit_code == ExitCode.OK, first.message
     assert (faults.count("RunInstances"), faults.count("StartInstances")) == (1, 0)
     pool = ec2_world.ec2.describe_instances(
@@ -143,10 +146,24 @@ def test_warm_pool_reuses_a_stopped_builder(ec2_world: Ec2World) -> None:
     )
     members = [i for r in pool["Reservations"] for i in r["Instances"]]
     assert [m["State"]["Name"] for m in members] == ["stopped"]
-    second = run_build(job(ec2_world, "b2"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), ListConsole())
+    during: dict[str, str] = {}
+
+    def play(run: BuilderRun) -> None:  # the claimed builder's tags while it builds b2
+        instance = ec2_world.ec2.describe_instances(InstanceIds=[run.instance_id])["Reservations"][0]
+        during.update({t["Key"]: t["Value"] for t in instance["Instances"][0]["Tags"]})
+        fake_build(0)(run)
+
+    ec2_world.emulator.play = play
+    second = run_build(
+        job(ec2_world, "b2"), ec2_world.backend(ec2_pool=1), FakeHostSteps(), RecordingConsole()
+    )
     assert second.exit_code == ExitCode.OK, second.message
     assert (faults.count("RunInstances"), faults.count("StartInstances")) == (1, 1)
     assert [r.instance_id for r in ec2_world.emulator.runs] == [members[0]["InstanceId"]] * 2
+    # claimed: re-tagged for b2 (gc sees a build with a fresh lease, not an idle pool member)
+    assert (during[TAG_BUILD], during[TAG_ROLE], during[TAG_POOL]) == ("b2", "builder", ec2_world.worker_id)
+    lease = parse_time(during[TAG_EXPIRES])
+    assert lease is not None and lease > utcnow() + dt.timedelta(hours=1)
     assert (ec2_world.tmp / "dest-b2" / "result").read_bytes() == b"RESULT-OF-" + members[0][
         "InstanceId"
     ].encode()
@@ -164,7 +181,7 @@ def test_warm_pool_reuses_a_stopped_builder(ec2_world: Ec2World) -> None:
 def test_verify_needs_an_ami_and_creates_nothing(ec2_world: Ec2World) -> None:
     faults = Faults(ec2_world.ec2)
     outcome = run_build(
-        job(ec2_world), ec2_world.backend(ec2_builder_ami=None), FakeHostSteps(), ListConsole()
+        job(ec2_world), ec2_world.backend(ec2_builder_ami=None), FakeHostSteps(), RecordingConsole()
     )
     assert outcome.exit_code == ExitCode.BUILD_FAILED and "--ec2-builder-ami" in outcome.message
     assert faults.count("CreateVolume") == 0
@@ -175,19 +192,21 @@ def test_subnet_in_another_zone_is_refused(ec2_world: Ec2World) -> None:
     subnet = ec2_world.ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24", AvailabilityZone="us-east-1b")[
         "Subnet"
     ]["SubnetId"]
-    outcome = run_build(job(ec2_world), ec2_world.backend(ec2_subnet=subnet), FakeHostSteps(), ListConsole())
+    outcome = run_build(
+        job(ec2_world), ec2_world.backend(ec2_subnet=subnet), FakeHostSteps(), RecordingConsole()
+    )
     assert outcome.exit_code == ExitCode.BUILD_FAILED and "us-east-1b" in outcome.message
 
 
 def test_identity_comes_from_imds_when_not_given(ec2_world: Ec2World) -> None:
-    outcome = run_build(job(ec2_world), ec2_world.backend(via_imds=True), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(via_imds=True), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.OK, outcome.message
     assert any(r[1] == "/latest/api/token" for r in ec2_world.imds.requests)
 
 
 def test_backend_is_registered_as_ec2() -> None:
     from cloudbuild.backend import backend_class
-    from cloudbuild.cloud.ec2 import Ec2Backend
+    from cloudbuild.cloud.ec2.backend import Ec2Backend
 
     assert backend_class("ec2") is Ec2Backend and Ec2Backend.channel == "swap"
 
@@ -204,7 +223,7 @@ def test_watchdog_marker_left_open_kills_the_builder_exit_3(
         release.wait(10)
 
     ec2_world.emulator.play = hang_in_boot
-    console = ListConsole()
+    console = RecordingConsole()
     try:
         outcome = run_build(job(ec2_world), ec2_world.backend(watchdog=True), FakeHostSteps(), console)
     finally:
@@ -229,7 +248,7 @@ def test_builder_stuck_pending_is_exit_3_and_terminated(ec2_world: Ec2World) -> 
 
     faults.after("RunInstances", stuck)
     limits = Ec2Limits(**{**FAST.__dict__, "running": 0.3})
-    outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), ListConsole())
+    outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA and "to run" in outcome.message
     state = ec2_world.ec2.describe_instances(InstanceIds=builders)["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] == "terminated"
@@ -243,7 +262,7 @@ def test_two_slots_build_at_once_on_one_worker(ec2_world: Ec2World) -> None:
         slot_job = BuildJob(
             build_id, ec2_world.tmp / f"dest-{build_id}", ec2_world.tmp / f"work-{build_id}", slot=slot
         )
-        outcomes[build_id] = run_build(slot_job, ec2_world.backend(), FakeHostSteps(), ListConsole())
+        outcomes[build_id] = run_build(slot_job, ec2_world.backend(), FakeHostSteps(), RecordingConsole())
 
     threads = [threading.Thread(target=build, args=(f"s{slot}", slot)) for slot in (0, 1)]
     for t in threads:
@@ -285,7 +304,7 @@ def test_cloudbuild_kill_stops_the_builder_and_the_build_fails_exit_1(ec2_world:
     the_job.workdir.mkdir(parents=True)
     thread = threading.Thread(
         target=lambda: outcomes.append(
-            run_build(the_job, ec2_world.backend(), FakeHostSteps(), ListConsole())
+            run_build(the_job, ec2_world.backend(), FakeHostSteps(), RecordingConsole())
         )
     )
     thread.start()

@@ -13,19 +13,16 @@ from typing import Any
 
 import pytest
 
-from cloudbuild.cloud.common import TAG_GC_SEEN, BuildLocks, build_tags, lease_expiry
-from cloudbuild.cloud.ec2 import Ec2Api, Ec2GcAdapter, ec2_tags
+from cloudbuild.cloud.base import BuildLocks
+from cloudbuild.cloud.common import TAG_GC_SEEN, build_tags, lease_expiry
+from cloudbuild.cloud.ec2.api import Ec2Api, ec2_tags
+from cloudbuild.cloud.ec2.gc import Ec2GcAdapter
 from cloudbuild.commands import gc
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
+from tests.fakes.moto_server import (
     ZONE,
     BuilderRun,
     Ec2World,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
     leftovers,
-    moto_server_fixture,
     register_ami,
 )
 
@@ -131,16 +128,18 @@ CHILD = """
 import sys
 from pathlib import Path
 from cloudbuild.build import BuildJob, run_build
-from cloudbuild.cloud.ec2 import Ec2Backend, Ec2Limits
-from cloudbuild.cloud.ec2_nvme import HostPaths
+from cloudbuild.cloud.ec2.backend import Ec2Backend
+from cloudbuild.cloud.ec2.api import Ec2Limits
+from cloudbuild.cloud.ec2.devices import HostPaths
 from cloudbuild.options import VmOptions
-from tests.fakes.moto_server import FakeHostSteps, ListConsole
+from tests.fakes.console import RecordingConsole
+from tests.fakes.hoststeps import FakeHostSteps
 
 tmp, ami = Path(sys.argv[1]), sys.argv[2]
 options = VmOptions(vm_type="ec2", ec2_builder_ami=ami, disk_size=1024, swap_size=1024)
 limits = Ec2Limits(poll=0.01, poll_max=0.05)
 backend = Ec2Backend(options, paths=HostPaths(tmp / "dev", tmp / "sys"), limits=limits)  # identity: IMDS
-run_build(BuildJob("killed-build", tmp / "dest", tmp / "work"), backend, FakeHostSteps(), ListConsole())
+run_build(BuildJob("killed-build", tmp / "dest", tmp / "work"), backend, FakeHostSteps(), RecordingConsole())
 """
 
 
@@ -180,3 +179,35 @@ def test_worker_killed_mid_build_leaves_only_what_gc_removes(ec2_world: Ec2World
     assert gc_main("--min-age", "0") == 0
     assert gc_main("--min-age", "0") == 0
     assert leftovers(ec2_world.aws.client()) == []
+
+
+def other_worker(world: Ec2World) -> str:
+    instance: str = world.ec2.run_instances(ImageId=world.ami, MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    return instance
+
+
+def test_gc_here_keeps_a_build_of_another_live_worker_it_cannot_see(ec2_world: Ec2World):
+    owner = other_worker(ec2_world)  # its build runs there: no lock of it on this worker
+    volume = ec2_world.ec2.create_volume(
+        AvailabilityZone=ZONE, Size=1, TagSpecifications=spec("volume", owner, "elsewhere")
+    )["VolumeId"]
+    assert gc_main("--min-age", "0") == 0
+    assert gc_main("--min-age", "0") == 0
+    assert leftovers(ec2_world.aws.client()) == [volume]
+    ec2_world.ec2.delete_volume(VolumeId=volume)
+    ec2_world.ec2.terminate_instances(InstanceIds=[owner])
+
+
+def test_gc_keeps_the_volumes_of_a_stopped_worker(ec2_world: Ec2World):
+    owner = other_worker(ec2_world)
+    ec2_world.ec2.stop_instances(InstanceIds=[owner])  # stopped, not gone: it may start again
+    volume = ec2_world.ec2.create_volume(
+        AvailabilityZone=ZONE, Size=1, TagSpecifications=spec("volume", owner, "paused")
+    )["VolumeId"]
+    assert gc_main("--min-age", "0") == 0
+    assert gc_main("--min-age", "0") == 0
+    assert leftovers(ec2_world.aws.client()) == [volume]
+    ec2_world.ec2.delete_volume(VolumeId=volume)
+    ec2_world.ec2.terminate_instances(InstanceIds=[owner])

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from cloudbuild import retry
-from cloudbuild.cloud.ec2_imds import Imds, ImdsError, ImdsSettings, WorkerIdentity
+from cloudbuild.cloud.ec2.identity import Imds, ImdsError, ImdsSettings, WorkerIdentity
 from cloudbuild.errors import ExitCode
 from tests.fakes.imds import FakeImds, running_imds
 

@@ -13,22 +13,20 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from cloudbuild.cloud.common import BuildLocks
-from cloudbuild.cloud.ec2 import (
-    AttachHealth,
-    ConsoleTail,
+from cloudbuild.cloud.base import BuildLocks, host_lock
+from cloudbuild.cloud.ec2.api import (
     Ec2Api,
     Ec2Context,
     Ec2Error,
     Ec2Limits,
     Ec2UsageError,
-    decode_console,
     transient,
     translate,
-    user_data,
 )
-from cloudbuild.cloud.ec2_imds import WorkerIdentity
-from cloudbuild.cloud.ec2_nvme import HostPaths, host_lock, pick_device_name, resolve_device
+from cloudbuild.cloud.ec2.builder import user_data
+from cloudbuild.cloud.ec2.console import ConsoleTail, decode_console
+from cloudbuild.cloud.ec2.devices import HostPaths, pick_device_name, resolve_device
+from cloudbuild.cloud.ec2.identity import WorkerIdentity
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 
 
@@ -242,21 +240,15 @@ def context(tmp_path: Path) -> Ec2Context:
 
 
 def test_repeated_attach_failures_declare_the_host_broken_success_resets(tmp_path: Path):
-    health = AttachHealth(context(tmp_path))
+    health = context(tmp_path).health  # broken_after=3 from the limits
     first = health.failed(InfraError("attach timed out"))
     assert not isinstance(first, HostBroken)
-    health.succeeded()
-    assert health.failures() == 0
+    health.ok()
+    assert health.count() == 0
     health.failed(InfraError("1"))
     health.failed(InfraError("2"))
     third = health.failed(InfraError("3"))
     assert isinstance(third, HostBroken) and third.exit_code == ExitCode.HOST_BROKEN
-
-
-def test_attach_health_survives_a_corrupt_state_file(tmp_path: Path):
-    ctx = context(tmp_path)
-    ctx.health_file.write_text("{not json")
-    assert AttachHealth(ctx).failures() == 0
 
 
 # --- build locks ---
@@ -269,7 +261,7 @@ def test_build_lock_is_alive_while_held_and_dead_after_sigkill(tmp_path: Path):
         assert locks.alive("b1")
     assert not locks.alive("b1")
     code = (
-        "import sys, time; from pathlib import Path; from cloudbuild.cloud.common import BuildLocks;"
+        "import sys, time; from pathlib import Path; from cloudbuild.cloud.base import BuildLocks;"
         f"BuildLocks(Path({str(tmp_path)!r})).acquire('b2'); print('held', flush=True); time.sleep(60)"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)

@@ -9,22 +9,15 @@ from typing import Any
 import pytest
 
 from cloudbuild.backend import BuildSlot
+from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.common import parse_time
-from cloudbuild.cloud.ec2 import EbsVolume, Ec2Limits
+from cloudbuild.cloud.ec2.api import Ec2Limits
+from cloudbuild.cloud.ec2.volume import EbsVolume
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
-    FAST,
-    ZONE,
-    Ec2World,
-    Faults,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
-    moto_backend,
-    moto_server_fixture,
-)
+from tests.fakes.console import RecordingConsole
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.fakes.moto_server import FAST, ZONE, BuilderRun, Ec2World, Faults, fake_build, moto_backend
 
 
 def pair(world: Ec2World, build_id: str = "b1", slot: int = 0, **changes: Any) -> tuple[EbsVolume, EbsVolume]:
@@ -275,25 +268,30 @@ def test_stuck_detach_is_forced(ec2_world: Ec2World):
 
 def test_supplied_volumes_are_wiped_before_use_and_never_deleted(ec2_world: Ec2World):
     ids = [ec2_world.ec2.create_volume(AvailabilityZone=ZONE, Size=1)["VolumeId"] for _ in range(2)]
+    residue = 256 * 1024  # past what the fake host steps and the fake build write
     for vid in ids:  # a previous build's residue
-        image = ec2_world.emulator.image(vid)
-        with open(image, "r+b") as f:
+        with open(ec2_world.emulator.image(vid), "r+b") as f:
+            f.seek(residue)
             f.write(b"OLD BUILD RESIDUE")
-    root, swap = pair(ec2_world, vm_volume_root=ids[0], vm_volume_swap=ids[1])
-    assert not root.owned and root.id == ids[0]
-    root.create()  # verifies it exists in this zone
-    device = root.attach()
-    assert device is not None
-    with open(device, "r+b") as f:
-        assert f.read(17) == b"\0" * 17
-        f.seek(0)
-        f.write(b"THIS BUILD")
-    root.release()
-    swap.release()
+    seen: list[bytes] = []
+
+    def play(run: BuilderRun) -> None:
+        for image in (run.root_image, run.swap_image):
+            with open(image, "rb") as f:
+                f.seek(residue)
+                seen.append(f.read(17))
+        fake_build(0)(run)
+
+    ec2_world.emulator.play = play
+    job = BuildJob("b1", ec2_world.tmp / "dest", ec2_world.tmp / "work")
+    backend = ec2_world.backend(vm_volume_root=ids[0], vm_volume_swap=ids[1])
+    outcome = run_build(job, backend, FakeHostSteps(), RecordingConsole())
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert seen == [b"\0" * 17] * 2  # the builder never saw the residue
     remaining = {v["VolumeId"] for v in ec2_world.ec2.describe_volumes(VolumeIds=ids)["Volumes"]}
     assert remaining == set(ids)
     with open(ec2_world.images / f"{ids[0]}.img", "rb") as f:
-        assert f.read(10) == b"\0" * 10  # wiped at release
+        assert f.read(4) == b"\0" * 4  # this build's root wiped again at release
     for vid in ids:
         ec2_world.ec2.delete_volume(VolumeId=vid)
 
@@ -320,3 +318,26 @@ def test_releasing_one_volume_starts_the_partners_detach(ec2_world: Ec2World):
     assert root.state() == VolumeState.ABSENT
     swap.release()
     assert swap.state() == VolumeState.ABSENT
+
+
+def test_the_test_setup_honours_client_tokens_as_ec2_does(ec2_world: Ec2World):
+    ec2 = ec2_world.ec2
+    first = ec2.create_volume(AvailabilityZone=ZONE, Size=1, ClientToken="token-1")["VolumeId"]
+    again = ec2.create_volume(AvailabilityZone=ZONE, Size=1, ClientToken="token-1")["VolumeId"]
+    other = ec2.create_volume(AvailabilityZone=ZONE, Size=1, ClientToken="token-2")["VolumeId"]
+    assert first == again != other
+    for volume in (first, other):
+        ec2.delete_volume(VolumeId=volume)
+
+
+def test_a_create_whose_answer_was_lost_is_retried_without_a_second_volume(ec2_world: Ec2World):
+    faults = Faults(ec2_world.ec2)
+    faults.lose_answer("CreateVolume")  # EC2 created it; the worker saw a 500 and retries
+    root, _ = pair(ec2_world)
+    root.create()
+    try:
+        assert faults.count("CreateVolume") == 2
+        mine = ec2_world.ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_BUILD}", "Values": ["b1"]}])
+        assert [v["VolumeId"] for v in mine["Volumes"]] == [root.id]
+    finally:
+        root.release()

@@ -13,6 +13,7 @@ from cloudbuild.cloud.common import (
     TAG_EXPIRES,
     TAG_GC_SEEN,
     TAG_OWNER,
+    GcAdapter,
     Resource,
     build_tags,
     format_time,
@@ -24,7 +25,7 @@ from cloudbuild.cloud.common import (
 NOW = dt.datetime(2026, 11, 25, 12, 0, 0, tzinfo=dt.UTC)
 
 
-class MemoryCloud:
+class MemoryCloud(GcAdapter):
     """A stateful fake cloud: resources with tags, a set of live workers; unknown ids fail loudly."""
 
     def __init__(self, live_owners: Iterable[str] = ()):
@@ -82,7 +83,9 @@ def test_leak_reasons():
     assert leak_reason(Resource("volume", "v", tags("i-live")), now=NOW, owner_alive=alive) is None
     assert "gone" in (leak_reason(Resource("volume", "v", tags("i-dead")), now=NOW, owner_alive=alive) or "")
     expired = tags("i-live", expires=NOW - dt.timedelta(seconds=1))
-    assert "lease expired" in (leak_reason(Resource("volume", "v", expired), now=NOW, owner_alive=alive) or "")
+    assert "lease expired" in (
+        leak_reason(Resource("volume", "v", expired), now=NOW, owner_alive=alive) or ""
+    )
 
 
 def test_first_sweep_marks_second_sweep_deletes_after_min_age():
@@ -161,3 +164,23 @@ def test_build_only_tag_without_owner_or_lease_is_leaked():
 def test_negative_min_age_is_refused():
     with pytest.raises(ValueError):
         sweep(MemoryCloud(), min_age=-1)
+
+
+class CannotTell(MemoryCloud):
+    """A sweep away from the owner: whether the build still runs there is unknown (None)."""
+
+    def __init__(self, live_owners: Iterable[str], answer: bool | None):
+        super().__init__(live_owners)
+        self.answer = answer
+
+    def build_alive(self, resource: Resource) -> bool | None:
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "swept"), [(None, False), (True, False), (False, True)])
+def test_only_a_build_known_dead_on_a_live_owner_is_swept(answer: bool | None, swept: bool):
+    cloud = CannotTell(["i-live"], answer)
+    cloud.add("vol-1", tags("i-live"))
+    for minute in (0, 10):
+        sweep(cloud, min_age=0, now=NOW + dt.timedelta(minutes=minute))
+    assert cloud.deleted == (["vol-1"] if swept else [])

@@ -20,21 +20,23 @@ from typing import Any
 import pytest
 
 import cloudbuild.retry
-from cloudbuild.backend import BuildSlot
+from cloudbuild.backend import KILL_MARKER, BuildSlot
 from cloudbuild.build import BuildJob, run_build
+from cloudbuild.cloud.base import AttachHealth
 from cloudbuild.cloud.common import sweep, utcnow
-from cloudbuild.cloud.openstack import OpenStackBackend, gc_adapter
-from cloudbuild.cloud.openstack_api import AttachHealth
-from cloudbuild.commands.kill import KILL_MARKER, kill_slot
+from cloudbuild.cloud.openstack.backend import OpenStackBackend
+from cloudbuild.cloud.openstack.gc import gc_adapter
+from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.cloud.openstack_emulation import FAST, Emulation, Sink, Steps, make_backend, scripted_guest
+from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, scripted_guest
+from tests.fakes.console import RecordingConsole
+from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
 
 # fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
 # cloud and nothing is attached here (tests/cloud/openstack_fixtures.py).
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")
 EMULATION_GUEST = scripted_guest(0)
 
@@ -43,10 +45,10 @@ def backend_for(emu: Emulation, tmp_path: Path, **options: Any) -> OpenStackBack
     return make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", **options)
 
 
-def build(emu: Emulation, tmp_path: Path, **options: Any) -> tuple[Any, Sink]:
-    sink = Sink()
+def build(emu: Emulation, tmp_path: Path, **options: Any) -> tuple[Any, RecordingConsole]:
+    sink = RecordingConsole()
     job = BuildJob(build_id="b1", dest=tmp_path / "out", workdir=tmp_path / "work")
-    outcome = run_build(job, backend_for(emu, tmp_path, **options), Steps(), sink)
+    outcome = run_build(job, backend_for(emu, tmp_path, **options), FakeHostSteps(), sink)
     return outcome, sink
 
 
@@ -60,6 +62,14 @@ def test_build_runs_on_a_builder_server_and_leaves_nothing_behind(emu: Emulation
     assert b"BUILDSTATUS written" in sink.data
     assert len(emu.booted) == 1
     assert set(outcome.phases) >= {"verify", "volumes", "prepare", "boot", "status", "extract", "cleanup"}
+
+
+def test_stale_kill_marker_of_an_earlier_build_does_not_fail_this_one(emu: Emulation, tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / KILL_MARKER).write_text("killed\n")  # an earlier build's kill, kept --root
+    outcome, _ = build(emu, tmp_path)
+    assert outcome.exit_code == ExitCode.OK, outcome.message
+    assert (tmp_path / "out" / "root-head").read_bytes() == b"ROOT"
 
 
 def test_builder_gets_the_volumes_as_block_devices_no_network_and_a_boot_hook(
@@ -222,6 +232,34 @@ def test_supplied_volumes_are_wiped_used_and_kept(
     assert len(openstack_fake.resources()["volumes"]) == 2
 
 
+def test_supplied_volume_attached_to_another_server_is_refused_untouched(
+    emu: Emulation, openstack_fake: FakeOpenStack, tmp_path: Path
+) -> None:
+    conn = backend_for(emu, tmp_path).api.conn
+    root = conn.block_storage.create_volume(size=1, name="obs-root")
+    swap = conn.block_storage.create_volume(size=1, name="obs-swap")
+    emu.guest = None  # the other server is no builder of ours
+    other = conn.compute.create_server(
+        name="someone-else", flavor_id="2", networks="none", image_id=openstack_fake.cloud.images[0].id
+    )
+    openstack_fake.settle()
+    conn.compute.create_volume_attachment(other, volume_id=swap.id)
+    openstack_fake.settle()
+    with open(emu.image(swap.id), "r+b") as f:
+        f.write(b"the other server's data")
+    emu.guest = EMULATION_GUEST
+    outcome, _ = build(emu, tmp_path, vm_volume_root="obs-root", vm_volume_swap="obs-swap")
+    assert outcome.exit_code == ExitCode.INFRA
+    assert f"attached to server {other.id}" in outcome.message and "must be free" in outcome.message
+    assert emu.booted == []
+    assert openstack_fake.volume(swap.id).attached_to[0] == other.id  # not taken away
+    assert emu.image(swap.id).read_bytes()[:23] == b"the other server's data"  # never wiped
+    conn.compute.delete_server(other)
+    openstack_fake.settle()
+    for volume in (root, swap):
+        conn.block_storage.delete_volume(volume)
+
+
 def test_unknown_supplied_volume_is_a_usage_error(emu: Emulation, tmp_path: Path) -> None:
     outcome, _ = build(emu, tmp_path, vm_volume_root="nosuchvolume", vm_volume_swap="nosuchswap")
     assert outcome.exit_code == ExitCode.BUILD_FAILED
@@ -294,8 +332,8 @@ def test_api_down_for_longer_than_the_retry_deadline_is_exit_3(
     backend = backend_for(emu, tmp_path)
     backend.api.policy = cloudbuild.retry.Policy(deadline=1, initial=0.01, maximum=0.01, attempts=3)
     openstack_fake.inject("POST", r"/volume/v3/[^/]+/volumes$", status=503, times=10)
-    sink = Sink()
-    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), sink)
+    sink = RecordingConsole()
+    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), sink)
     assert outcome.exit_code == ExitCode.INFRA
     assert "kept failing" in outcome.message
     openstack_fake.faults.clear()
@@ -355,10 +393,10 @@ def test_build_timeout_kills_the_builder_and_is_exit_3(emu: Emulation, tmp_path:
         e.fake.append_console(server_id, "stuck forever\n")
 
     emu.guest = guest
-    sink = Sink()
+    sink = RecordingConsole()
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
     job = BuildJob(job.build_id, job.dest, job.workdir, limits=type(job.limits)(boot=1.0))
-    outcome = run_build(job, backend_for(emu, tmp_path), Steps(), sink)
+    outcome = run_build(job, backend_for(emu, tmp_path), FakeHostSteps(), sink)
     assert outcome.exit_code == ExitCode.INFRA
     assert "deadline" in outcome.message
     assert b"stuck forever" in sink.data
@@ -397,7 +435,12 @@ def test_volume_stuck_attaching_is_exit_3_then_4_on_the_same_worker(
     for attempt, expected in ((1, ExitCode.INFRA), (2, ExitCode.HOST_BROKEN)):
         emu.on_volume = _stuck_on_first_attach("attaching")
         backend = backend_for(emu, tmp_path)
-        outcome = run_build(BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+        outcome = run_build(
+            BuildJob(f"b{attempt}", tmp_path / "out", tmp_path / "work"),
+            backend,
+            FakeHostSteps(),
+            RecordingConsole(),
+        )
         assert outcome.exit_code == expected, outcome.message
         assert "stuck in 'attaching'" in outcome.message
         _unstick(openstack_fake, backend.api, [v.id for v in openstack_fake.cloud.volumes.values()])
@@ -414,7 +457,9 @@ def test_volume_stuck_detaching_is_exit_3(
 ) -> None:
     emu.on_volume = _stuck_on_first_attach("detaching")
     backend = backend_for(emu, tmp_path)
-    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+    outcome = run_build(
+        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), RecordingConsole()
+    )
     assert outcome.exit_code == ExitCode.INFRA
     assert "stuck in 'detaching'" in outcome.message
     _unstick(openstack_fake, backend.api, [v.id for v in openstack_fake.cloud.volumes.values()])
@@ -467,7 +512,9 @@ def _build_in_background(emu: Emulation, tmp_path: Path, backend: OpenStackBacke
     results: list[Any] = []
     job = BuildJob("b1", tmp_path / "out", tmp_path / "work")
     job.workdir.mkdir(exist_ok=True)
-    thread = threading.Thread(target=lambda: results.append(run_build(job, backend, Steps(), Sink())))
+    thread = threading.Thread(
+        target=lambda: results.append(run_build(job, backend, FakeHostSteps(), RecordingConsole()))
+    )
     thread.start()
     wait_for(lambda: bool(emu.booted), what="the builder to boot", timeout=30, interval=0.02)
     return thread, results
@@ -559,7 +606,9 @@ def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
     emu.guest = guest
     timeouts = dataclasses.replace(FAST, delete=1)
     backend = make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", timeouts=timeouts)
-    outcome = run_build(BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, Steps(), Sink())
+    outcome = run_build(
+        BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), RecordingConsole()
+    )
     assert outcome.exit_code == ExitCode.INFRA
     assert "deleted" in outcome.message
     left = emu.tagged()

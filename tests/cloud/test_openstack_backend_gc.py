@@ -21,8 +21,8 @@ import pytest
 from cloudbuild import cli
 from cloudbuild import log as cblog
 from cloudbuild.cloud.common import build_tags, format_time, sweep, utcnow
-from cloudbuild.cloud.openstack import OpenStackGc, gc_adapter
-from cloudbuild.cloud.openstack_api import Api, connect
+from cloudbuild.cloud.openstack.api import Api, connect
+from cloudbuild.cloud.openstack.gc import OpenStackGc, gc_adapter
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import spawn, terminate
 from cloudbuild.volume import TAG_GC_SEEN
@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 # fast_sleeps, and emu: after every test no cloudbuild-tagged server or volume is left in the
 # cloud (tests/cloud/openstack_fixtures.py). No builder runs a guest here.
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 pytestmark = pytest.mark.usefixtures("fast_sleeps", "emu")
 EMULATION_JOIN_TIMEOUT = 10.0
 
@@ -199,10 +198,12 @@ BUILD_SCRIPT = """
 import json, sys
 from pathlib import Path
 from cloudbuild.build import BuildJob, run_build
-from tests.cloud.openstack_emulation import Sink, Steps, make_backend
+from tests.fakes.console import RecordingConsole
+from tests.fakes.hoststeps import FakeHostSteps
+from tests.cloud.openstack_emulation import make_backend
 cfg = json.loads(sys.argv[1])
 backend = make_backend(cfg["metadata"], Path(cfg["dev"]), Path(cfg["state"]))
-run_build(BuildJob("killed", Path(cfg["out"]), Path(cfg["work"])), backend, Steps(), Sink())
+run_build(BuildJob("killed", Path(cfg["out"]), Path(cfg["work"])), backend, FakeHostSteps(), RecordingConsole())
 """
 
 

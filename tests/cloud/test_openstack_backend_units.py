@@ -11,14 +11,18 @@ import openstack.exceptions as os_exc
 import pytest
 import requests
 
-import cloudbuild.cloud.openstack_volume as osvol
+import cloudbuild.cloud.openstack.devices as osdevices
 import cloudbuild.retry
-from cloudbuild.cloud.openstack_api import AttachHealth, is_transient, translate, worker_server_id
-from cloudbuild.cloud.openstack_console import GAP_MARKER, ConsoleStream
-from cloudbuild.cloud.openstack_server import choose_flavor, user_data
-from cloudbuild.cloud.openstack_volume import find_device, size_gib
+from cloudbuild.cloud.base import AttachHealth
+from cloudbuild.cloud.openstack.api import is_transient, translate
+from cloudbuild.cloud.openstack.builder import choose_flavor, user_data
+from cloudbuild.cloud.openstack.console import GAP_MARKER, ConsoleStream
+from cloudbuild.cloud.openstack.devices import find_device
+from cloudbuild.cloud.openstack.identity import worker_server_id
+from cloudbuild.cloud.openstack.volume import size_gib
 from cloudbuild.errors import HostBroken, InfraError, UsageError
 from cloudbuild.runner import run
+from tests.fakes.console import RecordingConsole
 
 VOLUME_ID = "3f1c2a9e-5b7d-4e8f-9a0b-1c2d3e4f5a6b"
 
@@ -50,16 +54,8 @@ class Log:
         return "".join(lines if length is None else lines[-length:] if length else [])
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
-def stream(log: Log) -> tuple[ConsoleStream, Sink]:
-    sink = Sink()
+def stream(log: Log) -> tuple[ConsoleStream, RecordingConsole]:
+    sink = RecordingConsole()
     return ConsoleStream(log.tail, sink), sink
 
 
@@ -193,7 +189,7 @@ def test_novas_device_name_only_counts_once_it_is_a_block_device(
 ) -> None:
     (tmp_path / "vdb").write_bytes(b"")  # a file, not a disk
     assert find_device(tmp_path, VOLUME_ID, "/dev/vdb") is None
-    monkeypatch.setattr(osvol, "is_block_device", lambda path: path == tmp_path / "vdb")
+    monkeypatch.setattr(osdevices, "is_block_device", lambda path: path == tmp_path / "vdb")
     assert find_device(tmp_path, VOLUME_ID, "/dev/vdb") == tmp_path / "vdb"
     assert find_device(tmp_path, VOLUME_ID, "/dev/../etc/vdb") is None
     assert find_device(tmp_path, VOLUME_ID, "vdb") is None
@@ -251,22 +247,22 @@ def test_metadata_service_errors(tmp_path: Path) -> None:
 
 def test_stuck_volumes_count_per_worker_and_reset_on_success(tmp_path: Path) -> None:
     health = AttachHealth("worker-1", tmp_path)
-    other = AttachHealth("worker-2", tmp_path)
-    assert type(health.stuck("stuck")) is InfraError
-    broken = health.stuck("stuck again")
+    other = AttachHealth("worker-2", tmp_path)  # a state folder copied from another worker
+    assert type(health.failed("stuck")) is InfraError
+    broken = health.failed("stuck again")
     assert isinstance(broken, HostBroken) and "out of service" in str(broken)
     assert health.count() == 2 and other.count() == 0
     health.ok()
     assert health.count() == 0
-    assert type(health.stuck("once more")) is InfraError
-    assert isinstance(health.stuck("and again"), HostBroken)
+    assert type(health.failed("once more")) is InfraError
+    assert isinstance(health.failed("and again"), HostBroken)
 
 
 def test_a_broken_state_file_counts_as_zero(tmp_path: Path) -> None:
     health = AttachHealth("w", tmp_path)
     health.path.write_text("{not json")
     assert health.count() == 0
-    assert type(health.stuck("x")) is InfraError
+    assert type(health.failed("x")) is InfraError
     assert health.count() == 1
 
 

@@ -20,16 +20,16 @@ from cloudbuild import cli
 from cloudbuild import log as cblog
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps
-from cloudbuild.cloud.openstack import OpenStackBackend
+from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions
-from tests.cloud.openstack_emulation import FAST, Emulation, Sink, make_backend, qemu_guest
+from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, qemu_guest
+from tests.fakes.console import RecordingConsole
 from tests.vm.localbuild import recipe as write_recipe
 
 # fast_sleeps, and emu: afterwards the guest ended without crashing, no cloudbuild-tagged server or
 # volume is left in the cloud and nothing is attached here (tests/cloud/openstack_fixtures.py).
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.usefixtures("fast_sleeps", "emu")]
 EMULATION_GUEST = qemu_guest(timeout=600)
 EMULATION_JOIN_TIMEOUT = 700.0
@@ -59,7 +59,7 @@ def test_a_real_build_on_an_emulated_openstack_builder(emu: Emulation, tmp_path:
     workdir = tmp_path / "work"
     workdir.mkdir()
     steps = DiskHostSteps(options, recipe, build_id="e2e", workdir=workdir)
-    sink = Sink()
+    sink = RecordingConsole()
     job = BuildJob("e2e", dest, workdir, limits=PhaseLimits(boot=900))
     outcome = run_build(job, backend, steps, sink)
     log = sink.data.decode(errors="replace")

@@ -284,13 +284,3 @@ class MemorySteps:
             self._volume(swap, Role.SWAP)
         self.faults.check("extract")
         self.extracted_to = dest
-
-
-class MemoryConsole:
-    """Collects what the build machine printed."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.data += data

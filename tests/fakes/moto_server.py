@@ -9,14 +9,13 @@
   and a `HostEmulator` thread that plays udev (a by-id link to an image file for every EBS volume
   attached to the worker) and the builder instance (when a builder runs with both volumes
   attached, `play` runs the build on their image files, then the instance stops in moto).
-- `ec2_leftovers` (autouse where imported): after every test, no cloudbuild-tagged volume,
+- `ec2_leftovers` (autouse; checks only tests that used moto): after every test, no cloudbuild-tagged volume,
   instance, snapshot or image may be left in moto, except a warm pool the test asked for.
 
 moto makes every transition instant; tests inject slowness and faults with botocore event hooks on
 the client they hand to the code, or by patching moto's backend here, never in the package.
 
-Test modules import the fixture functions by their `*_fixture` names
-(`from tests.fakes.moto_server import aws_fixture, ...  # noqa: F401`).
+tests/conftest.py loads this module as a plugin: tests ask for the fixtures by name.
 """
 
 from __future__ import annotations
@@ -33,40 +32,26 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import botocore
 import pytest
 
-from cloudbuild import retry
-from cloudbuild.backend import Backend
 from cloudbuild.cloud.common import TAG_POOL
-from cloudbuild.cloud.ec2 import Ec2Api, Ec2Backend, Ec2Limits, client
-from cloudbuild.cloud.ec2_imds import WorkerIdentity
-from cloudbuild.cloud.ec2_nvme import BY_ID_PREFIX, HostPaths, serial_of
-from cloudbuild.deadline import Deadline
+from cloudbuild.cloud.ec2.api import Ec2Api, Ec2Limits, client
+from cloudbuild.cloud.ec2.backend import Ec2Backend
+from cloudbuild.cloud.ec2.devices import BY_ID_PREFIX, HostPaths, serial_of
+from cloudbuild.cloud.ec2.identity import WorkerIdentity
 from cloudbuild.disk import buildstatus
-from cloudbuild.disk.image import zero_head
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import TAG_BUILD, TAG_OWNER, TAG_ROLE
+from tests.fakes import timings
+from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.imds import FakeImds
 
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 ZONE = "us-east-1a"
 
-FAST = Ec2Limits(
-    create=5.0,
-    attach=5.0,
-    detach=5.0,
-    device=5.0,
-    flip_grace=0.2,
-    running=5.0,
-    stop=5.0,
-    terminate=5.0,
-    poll=0.005,
-    poll_max=0.02,
-    console_poll_max=0.02,
-    broken_after=3,
-)
-"""Short waits for tests: moto is instant, a wait that runs out means the code is wrong."""
+FAST = timings.EC2
 
 
 def moto_backend() -> Any:
@@ -123,9 +108,33 @@ class Aws:
         )
 
 
+def honour_client_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EC2 answers a CreateVolume whose ClientToken it has seen with the volume that call created
+    (idempotency); moto ignores the token and creates another. Taught here, on moto's response
+    class (the server runs in this process), so a lost create answer can be tested."""
+    from moto.core.responses import ActionResult
+    from moto.ec2.responses.elastic_block_store import ElasticBlockStore
+
+    real = ElasticBlockStore.create_volume
+    created: dict[str, str] = {}  # token -> volume id; moto is reset per test, so is this
+
+    def create_volume(self: Any) -> Any:
+        token = self._get_param("ClientToken")
+        volume = self.ec2_backend.volumes.get(created.get(token, "")) if token else None
+        if volume is not None:
+            return ActionResult(volume)
+        result = real(self)
+        if token:
+            created[token] = result.result.id
+        return result
+
+    monkeypatch.setattr(ElasticBlockStore, "create_volume", create_volume)
+
+
 @pytest.fixture(name="aws")
 def aws_fixture(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     reset_moto(moto_server)
+    honour_client_tokens(monkeypatch)
     for name in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -135,7 +144,7 @@ def aws_fixture(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Aws:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
     monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", moto_server)
     # retries and waits keep their logic, but tests do not sit out real backoff
-    monkeypatch.setattr(retry, "_sleep", lambda seconds: threading.Event().wait(min(seconds, 0.005)))
+    timings.cap_retry_sleeps(monkeypatch, 0.005)
     state = Aws(moto_server)
     _ACTIVE.append(state)
     return state
@@ -287,8 +296,8 @@ class HostEmulator:
             if instance.id in self._playing or instance.user_data is None:
                 continue
             text = instance.user_data.decode()
-            root = re.search(r'root="\$by_id(vol[0-9a-f]+)"', text)
-            swap = re.search(r'swap="\$by_id(vol[0-9a-f]+)"', text)
+            root = re.search(r'root="\$\{by_id\}(vol[0-9a-f]+)"', text)
+            swap = re.search(r'swap="\$\{by_id\}(vol[0-9a-f]+)"', text)
             if not root or not swap:
                 continue
             root_id, swap_id = (f"vol-{m.group(1)[3:]}" for m in (root, swap))
@@ -340,52 +349,6 @@ def console_from_emulator_fixture(monkeypatch: pytest.MonkeyPatch) -> Callable[[
         monkeypatch.setattr(General, "get_console_output", get_console_output)
 
     return install
-
-
-class FakeHostSteps:
-    """Host steps without filesystems: mark the root as staged, read status, copy the result out."""
-
-    STAGED = b"STAGED-ROOT\n"
-    RESULT_OFFSET = 4096
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def prepare_root(self, device: Path, backend: Backend, deadline: Deadline) -> None:
-        self.calls.append("prepare_root")
-        with open(device, "r+b") as f:
-            f.write(self.STAGED)
-        backend.fixup(device)  # as DiskHostSteps does once the root is staged
-
-    def reset_swap(self, device: Path, deadline: Deadline) -> None:
-        self.calls.append("reset_swap")
-        zero_head(device)
-
-    def read_status(self, device: Path) -> int | None:
-        self.calls.append("read_status")
-        return buildstatus.read(device)
-
-    def extract_statistics(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
-        self.calls.append("extract_statistics")
-
-    def extract(self, root: Path, swap: Path | None, dest: Path, deadline: Deadline) -> None:
-        self.calls.append("extract")
-        dest.mkdir(parents=True, exist_ok=True)
-        with open(root, "rb") as f:
-            f.seek(self.RESULT_OFFSET)
-            (dest / "result").write_bytes(f.read(64).rstrip(b"\0"))
-
-
-class ListConsole:
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    @property
-    def text(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 @dataclass
@@ -456,8 +419,8 @@ def ec2_world_fixture(
     imds = FakeImds({"instance-id": worker, "placement/availability-zone": ZONE, "placement/region": REGION})
     imds.start()
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
-    state_dir = tmp_path / "state"
-    monkeypatch.setenv("CLOUDBUILD_EC2_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("CLOUDBUILD_STATE_DIR", str(tmp_path / "state"))
+    state_dir = tmp_path / "state" / "ec2"  # where the backend and `cloudbuild gc` keep it
     paths = HostPaths(dev=tmp_path / "dev", sys=tmp_path / "sys")
     (paths.sys / "class" / "nvme").mkdir(parents=True)
     emulator = HostEmulator(worker, paths, tmp_path / "images")
@@ -515,6 +478,27 @@ class Faults:
                 "ResponseMetadata": {"HTTPStatusCode": status},
             }
             return _Http(status), body
+
+        self.ec2.meta.events.register(f"before-call.ec2.{op}", handler)
+
+    def lose_answer(self, op: str, code: str = "InternalError", times: int = 1) -> None:
+        """The next `times` calls of `op` reach EC2 and take effect, but the answer is lost: the
+        caller sees `code` (a 500) and retries the same request."""
+        left = [times]
+        raw = boto3.client("ec2", region_name=REGION, endpoint_url=self.ec2.meta.endpoint_url)
+        method = getattr(raw, botocore.xform_name(op))
+
+        def handler(**kwargs: Any) -> Any:
+            if left[0] <= 0:
+                return None
+            left[0] -= 1
+            params = next(p for name, p in reversed(self.params) if name == op)
+            method(**params)  # EC2 did it ...
+            body = {  # ... and the answer never arrived
+                "Error": {"Code": code, "Message": f"injected {code} after the call took effect"},
+                "ResponseMetadata": {"HTTPStatusCode": 500},
+            }
+            return _Http(500), body
 
         self.ec2.meta.events.register(f"before-call.ec2.{op}", handler)
 

@@ -15,7 +15,7 @@ import pytest
 
 from cloudbuild.build import BuildJob, PhaseLimits, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps
-from cloudbuild.cloud.ec2_nvme import serial_of
+from cloudbuild.cloud.ec2.devices import serial_of
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from tests.fakes.imds import FakeImds

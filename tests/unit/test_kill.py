@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from cloudbuild.backend import Backend, BootResult, BuildSlot, Console
+from cloudbuild.backend import (
+    KILL_MARKER,
+    Backend,
+    BootResult,
+    BuildSlot,
+    Console,
+    clear_killed,
+    mark_killed,
+    was_killed,
+)
 from cloudbuild.commands import kill
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import UsageError
@@ -50,18 +59,14 @@ def test_the_swap_is_marked_before_and_after_the_machine_is_stopped(tmp_path: Pa
     kill.kill_slot(RecordingBackend(swap, events), BuildSlot("b", 0, tmp_path))
     assert events == ["kill (swap status then: 1)"]
     assert buildstatus.read(swap) == 1  # marked again after the guest's late BUILDSTATUS0
-    assert (tmp_path / kill.KILL_MARKER).exists()
+    assert (tmp_path / KILL_MARKER).exists()
 
 
 def test_backends_without_swap_get_the_marker_only(tmp_path: Path) -> None:
     events: list[str] = []
     kill.kill_slot(RecordingBackend(None, events), BuildSlot("b", 0, tmp_path))
     assert events == ["kill (swap status then: None)"]
-    assert vmproc.was_killed(tmp_path)
-
-
-def test_the_marker_is_the_one_the_local_backends_read() -> None:
-    assert kill.KILL_MARKER == vmproc.KILL_MARKER
+    assert was_killed(tmp_path)
 
 
 def test_work_folders_are_found_as_cloudbuild_build_lays_them_out(
@@ -111,13 +116,13 @@ def test_directory_backends_order_the_verdicts_as_the_machines_do(tmp_path: Path
     assert isinstance(backend, DirectoryBackend)
     backend.volumes(BuildSlot("b", 0, tmp_path))
     dog = Watchdog(lambda data: None, timeout=None, on_fire=lambda: None)  # type: ignore[arg-type]
-    vmproc.mark_killed(tmp_path)
+    mark_killed(tmp_path)
     outcome = backend.outcome
     assert outcome(vmproc.ProcessExit(None, timed_out=True), dog).reason is ExitReason.TIMEOUT
     killed = outcome(vmproc.ProcessExit(137), dog)
     assert (killed.reason, killed.status) == (ExitReason.KILLED, 1)
     dog.fired = True
     assert outcome(vmproc.ProcessExit(None, timed_out=True), dog).reason is ExitReason.WATCHDOG
-    vmproc.clear_killed(tmp_path)
+    clear_killed(tmp_path)
     dog.fired = False
     assert outcome(vmproc.ProcessExit(0), dog).status == 255  # no status recorded: exit 3

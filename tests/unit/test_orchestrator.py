@@ -14,7 +14,8 @@ from cloudbuild.build import BuildJob, BuildOutcome, Orchestrator, PhaseLimits, 
 from cloudbuild.errors import DeadlineExceeded, ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.runner import CommandError
 from cloudbuild.volume import Role, VolumeState
-from tests.fakes.memory import Faults, Ledger, MemoryBackend, MemoryConsole, MemorySteps
+from tests.fakes.console import RecordingConsole
+from tests.fakes.memory import Faults, Ledger, MemoryBackend, MemorySteps
 
 PHASES = ["verify", "volumes", "prepare", "boot", "status", "extract", "cleanup"]
 
@@ -35,7 +36,7 @@ class World:
         self.faults = Faults(faults)
         self.backend = MemoryBackend(ledger=self.ledger, faults=self.faults, result=result, **backend_options)  # type: ignore[arg-type]
         self.steps = MemorySteps(self.ledger, self.faults, status=status)
-        self.console = MemoryConsole()
+        self.console = RecordingConsole()
         self.job = BuildJob(build_id="b1", dest=tmp_path / "dest", workdir=tmp_path / "work", slot=2)
 
     def run(self) -> BuildOutcome:
@@ -268,6 +269,18 @@ def test_supplied_volumes_are_detached_but_never_deleted(tmp_path: Path, failure
     assert outcome.exit_code == (ExitCode.INFRA if failure else ExitCode.OK)
     assert not any(e.startswith("delete") for e in world.events)
     world.assert_nothing_left()
+
+
+def test_supplied_volumes_are_wiped_once_here_before_their_first_use(tmp_path: Path) -> None:
+    world = World(tmp_path, supplied=(Role.ROOT, Role.SWAP))
+    assert world.run().exit_code == ExitCode.OK
+    events = world.events
+    assert [e for e in events if e.startswith("wipe")] == ["wipe:root", "wipe:swap"]
+    assert events.index("attach@worker:root") < events.index("wipe:root") < events.index("prepare_root")
+    assert events.index("attach@worker:swap") < events.index("wipe:swap") < events.index("reset_swap")
+    owned = World(tmp_path / "owned")
+    assert owned.run().exit_code == ExitCode.OK
+    assert not any(e.startswith("wipe") for e in owned.events)  # our own new volumes hold nothing
 
 
 def test_a_supplied_root_with_an_owned_swap(tmp_path: Path) -> None:

@@ -4,18 +4,11 @@ import threading
 from pathlib import Path
 
 from cloudbuild.watchdog import MARKER_END, MARKER_START, TRIGGERED, BuildLog, Watchdog, watchdog_timeout
+from tests.fakes.console import RecordingConsole
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
-def watchdog(timeout: float | None = 0.2) -> tuple[Watchdog, Sink, threading.Event]:
-    sink = Sink()
+def watchdog(timeout: float | None = 0.2) -> tuple[Watchdog, RecordingConsole, threading.Event]:
+    sink = RecordingConsole()
     fired = threading.Event()
     return Watchdog(sink, timeout=timeout, on_fire=fired.set), sink, fired
 

@@ -19,6 +19,7 @@ from cloudbuild.volume import Role, VolumeState
 from local_backends.machines import zvm
 from local_backends.machines.zvm import ZvmBackend, ZvmMinidisk, bus_id, local_devnr
 from tests.fakes import dasd, guestplay, vmcp
+from tests.fakes.console import RecordingConsole
 from tests.vm import localbuild
 from tests.vm.localbuild import flow, recipe, sha, tree
 
@@ -26,14 +27,6 @@ rootfs = localbuild.rootfs  # the fixture
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = "BUILD07"
-
-
-class ListConsole:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
 
 
 @dataclass
@@ -193,7 +186,7 @@ def test_boot_links_disks_into_the_worker_ipls_and_takes_them_back(zvm_env: ZvmE
     slot = BuildSlot("b1", 7, zvm_env.tmp)
     backend.verify()
     pair = backend.volumes(slot)
-    console = ListConsole()
+    console = RecordingConsole()
     result = backend.boot_and_wait(pair, slot, timeout=60, console=console)
     assert result.reason is ExitReason.POWERED_OFF
     assert console.data == b"hello from BUILD07\n"

@@ -15,6 +15,7 @@ from cloudbuild.backend import Backend
 from cloudbuild.build import BuildJob, BuildOutcome, run_build
 from cloudbuild.buildroot.hoststeps import DiskHostSteps
 from cloudbuild.options import VmOptions
+from tests.fakes.console import RecordingConsole
 
 CLI = [sys.executable, "-m", "cloudbuild"]
 REPO = Path(__file__).resolve().parents[2]
@@ -140,22 +141,14 @@ def loop_devices_on(folder: Path, *, settle: float = 5.0) -> list[str]:
     return []
 
 
-class ListConsole:
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-
 def flow(
     backend: Backend, options: VmOptions, tmp_path: Path, script: Path, *, build_id: str = "t1", **job: Any
-) -> tuple[BuildOutcome, ListConsole]:
+) -> tuple[BuildOutcome, RecordingConsole]:
     """The whole build through the orchestrator and the real host steps (in this process)."""
     workdir = tmp_path / "work"
     workdir.mkdir(exist_ok=True)
     steps = DiskHostSteps(options, script, build_id=build_id, workdir=workdir)
-    console = ListConsole()
+    console = RecordingConsole()
     outcome = run_build(BuildJob(build_id, tmp_path / "out", workdir, **job), backend, steps, console)
     return outcome, console
 
