@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "results": ("cloudbuild.commands.results", "fetch a finished job's artifacts, log and statistics"),
     "logs": ("cloudbuild.commands.logs", "a job's build log, live with --follow"),
+    "image": ("cloudbuild.commands.image", "build or upload the builder/worker images of the clouds"),
 }
 
 USAGE = (

@@ -20,6 +20,7 @@ class FakeImds:
         self.tokens: set[str] = set()
         self.requests: list[tuple[str, str, int]] = []  # method, path, status
         self.fail_next: int = 0  # answer this many requests with 503 first
+        self.user_data: str | None = None  # GET /latest/user-data (404 while None, as for an instance without)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -68,6 +69,8 @@ class FakeImds:
                 token = self.headers.get("X-aws-ec2-metadata-token")
                 if token is None or token not in fake.tokens:
                     return self._reply(401)
+                if self.path == "/latest/user-data":
+                    return self._reply(404) if fake.user_data is None else self._reply(200, fake.user_data)
                 prefix = "/latest/meta-data/"
                 key = self.path[len(prefix) :] if self.path.startswith(prefix) else None
                 if key is None or key not in fake.metadata:

@@ -296,8 +296,8 @@ class HostEmulator:
             if instance.id in self._playing or instance.user_data is None:
                 continue
             text = instance.user_data.decode()
-            root = re.search(r'root="\$by_id(vol[0-9a-f]+)"', text)
-            swap = re.search(r'swap="\$by_id(vol[0-9a-f]+)"', text)
+            root = re.search(r'root="\$\{by_id\}(vol[0-9a-f]+)"', text)
+            swap = re.search(r'swap="\$\{by_id\}(vol[0-9a-f]+)"', text)
             if not root or not swap:
                 continue
             root_id, swap_id = (f"vol-{m.group(1)[3:]}" for m in (root, swap))

@@ -23,8 +23,8 @@ def user_data(*, build_id: str, root: str, swap: str, device_timeout: int = 3600
 # build {build_id}: run the cloudbuild guest agent on root {root}, swap {swap}, then power off.
 set -u
 by_id=/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_
-root="$by_id{serial_of(root)}"
-swap="$by_id{serial_of(swap)}"
+root="${{by_id}}{serial_of(root)}"
+swap="${{by_id}}{serial_of(swap)}"
 i=0
 while [ ! -e "$root" ] || [ ! -e "$swap" ]; do
     i=$((i + 1))
