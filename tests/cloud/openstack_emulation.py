@@ -136,11 +136,14 @@ def _tagged(metadata: dict[str, str]) -> bool:
 
 # -- the worker side of a test build -------------------------------------------------------------
 
-FAST = timings.OPENSTACK
-
 
 def make_backend(
-    metadata_base: str, dev_root: Path, state_dir: Path, *, timeouts: Timeouts = FAST, **options: Any
+    metadata_base: str,
+    dev_root: Path,
+    state_dir: Path,
+    *,
+    timeouts: Timeouts = timings.OPENSTACK,
+    **options: Any,
 ) -> OpenStackBackend:
     """The backend as a worker builds it, pointed at the fake's metadata service and our /dev."""
     defaults: dict[str, Any] = {

@@ -30,7 +30,8 @@ from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, scripted_guest
+from tests.cloud.openstack_emulation import Emulation, make_backend, scripted_guest
+from tests.fakes import timings
 from tests.fakes.console import RecordingConsole
 from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
@@ -604,7 +605,7 @@ def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
         return scripted_guest(0)(server_id, disks, e)
 
     emu.guest = guest
-    timeouts = dataclasses.replace(FAST, delete=1)
+    timeouts = dataclasses.replace(timings.OPENSTACK, delete=1)
     backend = make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", timeouts=timeouts)
     outcome = run_build(
         BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), RecordingConsole()
