@@ -84,6 +84,7 @@ class VmOptions:
     ec2_pool: int = 0
     openstack_flavor: str | None = None
     openstack_network: str | None = None
+    openstack_pool: int = 0
     positionals: tuple[str, ...] = ()
 
     @property
@@ -304,6 +305,14 @@ SPECS: tuple[OptionSpec, ...] = (
         "value",
         "OpenStack: builder network (default none)",
         "NET",
+    ),
+    OptionSpec(
+        ("openstack-pool",),
+        "openstack_pool",
+        "value",
+        "OpenStack: keep N stopped builders warm (0 = none)",
+        "N",
+        _non_negative_int,
     ),
 )
 

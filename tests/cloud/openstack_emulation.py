@@ -7,10 +7,11 @@ the real backend code runs end to end on one machine:
 - every Cinder volume is an image file (`images/<volume id>.img`, sparse, of the volume's size);
 - "udev": while a volume is attached to the worker server, `dev/disk/by-id/virtio-<id[:20]>`
   under `dev_root` is a symlink to its image file, gone again when it is detached;
-- the builder: when a builder server goes ACTIVE, `guest(server_id, disks)` runs in a thread with
-  the image files of the server's volumes in boot order (root, swap) and then the server powers
-  off (`fake.power_off`), as a builder's guest agent does. `guest` may be a scripted guest
-  (`scripted_guest`) or the local qemu backend booting the image files.
+- the builder: when a builder server goes ACTIVE (created or started), `guest(server_id, disks)`
+  runs in a thread with the image files of the volumes its metadata names (root, swap), as the
+  boot hook finds them, and then the server powers off (`fake.power_off`), as a builder's guest
+  agent does. `guest` may be a scripted guest (`scripted_guest`) or the local qemu backend
+  booting the image files.
 - `tagged()`: cloudbuild-tagged servers and volumes still in the cloud (the leak check).
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 from cloudbuild.cloud.openstack.api import Timeouts
 from cloudbuild.cloud.openstack.backend import OpenStackBackend
+from cloudbuild.cloud.openstack.builder import TAG_ROOT_VOLUME, TAG_SWAP_VOLUME
 from cloudbuild.disk import buildstatus
 from cloudbuild.options import VmOptions
 from cloudbuild.volume import Role, VolumePair
@@ -91,10 +93,27 @@ class Emulation:
 
     def _booted(self, server: FakeServer) -> None:
         if server.id != self.fake.worker_server_id and self.guest is not None:
-            disks = [self.image(b.volume_id) for b in server.bdms]
-            thread = threading.Thread(target=self._run_guest, args=(server.id, disks), daemon=True)
+            disks = self._boot_hook_disks(server)
+            if disks is None:
+                thread = threading.Thread(target=self._hook_gives_up, args=(server.id,), daemon=True)
+            else:
+                thread = threading.Thread(target=self._run_guest, args=(server.id, disks), daemon=True)
             self.threads.append(thread)
             thread.start()
+
+    def _boot_hook_disks(self, server: FakeServer) -> list[Path] | None:
+        """What the builder's boot hook finds: the volumes its server metadata names (read at
+        every boot), if they are attached to it; None when it finds none (it powers off)."""
+        ids = [server.metadata.get(TAG_ROOT_VOLUME), server.metadata.get(TAG_SWAP_VOLUME)]
+        attached = {b.volume_id for b in server.bdms}
+        if not all(i in attached for i in ids):
+            return None
+        return [self.image(str(i)) for i in ids]
+
+    def _hook_gives_up(self, server_id: str) -> None:
+        self.booted.append(server_id)
+        with contextlib.suppress(Exception):
+            self.fake.power_off(server_id, "cloudbuild: no volume ids in the server metadata\n")
 
     def image(self, volume_id: str) -> Path:
         return self.images / f"{volume_id}.img"
@@ -136,11 +155,14 @@ def _tagged(metadata: dict[str, str]) -> bool:
 
 # -- the worker side of a test build -------------------------------------------------------------
 
-FAST = timings.OPENSTACK
-
 
 def make_backend(
-    metadata_base: str, dev_root: Path, state_dir: Path, *, timeouts: Timeouts = FAST, **options: Any
+    metadata_base: str,
+    dev_root: Path,
+    state_dir: Path,
+    *,
+    timeouts: Timeouts = timings.OPENSTACK,
+    **options: Any,
 ) -> OpenStackBackend:
     """The backend as a worker builds it, pointed at the fake's metadata service and our /dev."""
     defaults: dict[str, Any] = {

@@ -13,9 +13,10 @@ from cloudbuild.cloud.common import TAG_POOL, parse_time, utcnow
 from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.errors import ExitCode
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE
+from tests.fakes import timings
 from tests.fakes.console import RecordingConsole
 from tests.fakes.hoststeps import FakeHostSteps
-from tests.fakes.moto_server import FAST, BuilderRun, Ec2World, Faults, fake_build, moto_backend
+from tests.fakes.moto_server import BuilderRun, Ec2World, Faults, fake_build, moto_backend
 
 
 def job(world: Ec2World, build_id: str = "b1", **limits: float) -> BuildJob:
@@ -124,7 +125,7 @@ def test_attach_to_the_builder_timing_out_is_exit_3_and_terminates_it(ec2_world:
         times=5,
         when=lambda body: body.get("InstanceId") != ec2_world.worker_id,
     )
-    limits = Ec2Limits(**{**FAST.__dict__, "attach": 0.3, "flip_grace": 10.0})
+    limits = Ec2Limits(**{**timings.EC2.__dict__, "attach": 0.3, "flip_grace": 10.0})
     outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA
     state = ec2_world.ec2.describe_instances(InstanceIds=builder_ids)["Reservations"][0]["Instances"][0][
@@ -176,6 +177,27 @@ def test_warm_pool_reuses_a_stopped_builder(ec2_world: Ec2World) -> None:
     }
     assert tags[TAG_BUILD] == "" and tags[TAG_OWNER] == ec2_world.worker_id
     ec2_world.ec2.terminate_instances(InstanceIds=[members[0]["InstanceId"]])
+
+
+def test_a_pool_builder_whose_build_timed_out_is_terminated_not_pooled(ec2_world: Ec2World) -> None:
+    ec2_world.aws.allow_pool = True
+    release = threading.Event()
+
+    def hang(run: BuilderRun) -> None:
+        run.outcome = "hang"
+        release.wait(10)
+
+    ec2_world.emulator.play = hang
+    try:
+        outcome = run_build(
+            job(ec2_world, boot=0.5), ec2_world.backend(ec2_pool=2), FakeHostSteps(), RecordingConsole()
+        )
+    finally:
+        release.set()
+    assert outcome.exit_code == ExitCode.INFRA, outcome.message
+    builder = ec2_world.emulator.runs[0].instance_id
+    info = ec2_world.ec2.describe_instances(InstanceIds=[builder])["Reservations"][0]["Instances"][0]
+    assert info["State"]["Name"] in ("terminated", "shutting-down")
 
 
 def test_verify_needs_an_ami_and_creates_nothing(ec2_world: Ec2World) -> None:
@@ -247,7 +269,7 @@ def test_builder_stuck_pending_is_exit_3_and_terminated(ec2_world: Ec2World) -> 
         moto_backend().get_instance(instance_id)._state.name = "pending"
 
     faults.after("RunInstances", stuck)
-    limits = Ec2Limits(**{**FAST.__dict__, "running": 0.3})
+    limits = Ec2Limits(**{**timings.EC2.__dict__, "running": 0.3})
     outcome = run_build(job(ec2_world), ec2_world.backend(limits=limits), FakeHostSteps(), RecordingConsole())
     assert outcome.exit_code == ExitCode.INFRA and "to run" in outcome.message
     state = ec2_world.ec2.describe_instances(InstanceIds=builders)["Reservations"][0]["Instances"][0]["State"]

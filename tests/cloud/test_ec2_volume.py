@@ -15,9 +15,10 @@ from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.volume import EbsVolume
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
+from tests.fakes import timings
 from tests.fakes.console import RecordingConsole
 from tests.fakes.hoststeps import FakeHostSteps
-from tests.fakes.moto_server import FAST, ZONE, BuilderRun, Ec2World, Faults, fake_build, moto_backend
+from tests.fakes.moto_server import ZONE, BuilderRun, Ec2World, Faults, fake_build, moto_backend
 
 
 def pair(world: Ec2World, build_id: str = "b1", slot: int = 0, **changes: Any) -> tuple[EbsVolume, EbsVolume]:
@@ -181,7 +182,7 @@ def lost_attach(world: Ec2World, times: int) -> Faults:
 
 
 def test_attach_that_never_lands_is_exit_3_then_host_broken_after_three(ec2_world: Ec2World):
-    limits = Ec2Limits(**{**FAST.__dict__, "attach": 0.3, "flip_grace": 10.0})
+    limits = Ec2Limits(**{**timings.EC2.__dict__, "attach": 0.3, "flip_grace": 10.0})
     lost_attach(ec2_world, times=10)
     codes = []
     for i in range(3):
@@ -198,7 +199,7 @@ def test_attach_that_never_lands_is_exit_3_then_host_broken_after_three(ec2_worl
 
 
 def test_a_good_attach_resets_the_failure_count(ec2_world: Ec2World):
-    limits = Ec2Limits(**{**FAST.__dict__, "attach": 0.3, "flip_grace": 10.0})
+    limits = Ec2Limits(**{**timings.EC2.__dict__, "attach": 0.3, "flip_grace": 10.0})
     lost_attach(ec2_world, times=2)
     for i in range(3):
         root, _ = pair(ec2_world, build_id=f"b{i}", limits=limits)
@@ -249,7 +250,7 @@ def test_volume_that_flips_back_twice_is_exit_3(ec2_world: Ec2World):
 
 
 def test_stuck_detach_is_forced(ec2_world: Ec2World):
-    limits = Ec2Limits(**{**FAST.__dict__, "detach": 0.3})
+    limits = Ec2Limits(**{**timings.EC2.__dict__, "detach": 0.3})
     root, _ = pair(ec2_world, limits=limits)
     root.create()
     root.attach()

@@ -25,12 +25,14 @@ from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.base import AttachHealth
 from cloudbuild.cloud.common import sweep, utcnow
 from cloudbuild.cloud.openstack.backend import OpenStackBackend
+from cloudbuild.cloud.openstack.builder import TAG_ROOT_VOLUME, TAG_SWAP_VOLUME
 from cloudbuild.cloud.openstack.gc import gc_adapter
 from cloudbuild.commands.kill import kill_slot
 from cloudbuild.errors import ExitCode, HostBroken, InfraError, UsageError
 from cloudbuild.retry import wait_for
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
-from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, scripted_guest
+from tests.cloud.openstack_emulation import Emulation, make_backend, scripted_guest
+from tests.fakes import timings
 from tests.fakes.console import RecordingConsole
 from tests.fakes.hoststeps import FakeHostSteps
 from tests.fakes.openstack import FakeOpenStack, FakeVolume
@@ -101,8 +103,12 @@ def test_builder_gets_the_volumes_as_block_devices_no_network_and_a_boot_hook(
     assert seen["flavor"] == "m1.medium"  # the smallest with 2 vCPUs and 3000 MiB
     hook = seen["user_data"].decode()
     assert hook.startswith("#!/bin/sh")
-    assert f"/dev/disk/by-id/virtio-{roles['root'][:20]}" in hook
-    assert f"/dev/disk/by-id/virtio-{roles['swap'][:20]}" in hook
+    # the hook carries no volume ids (a pool builder keeps its user data): the metadata has them
+    assert roles["root"] not in hook and roles["swap"] not in hook
+    assert (seen["metadata"][TAG_ROOT_VOLUME], seen["metadata"][TAG_SWAP_VOLUME]) == (
+        roles["root"],
+        roles["swap"],
+    )
     assert "python3 -m cloudbuild.guest.agent" in hook and "--fstype ext4" in hook
     worker = emu.fake.worker_server_id
     for meta in [seen["metadata"], *seen["volumes"].values()]:
@@ -604,7 +610,7 @@ def test_builder_that_will_not_go_away_is_exit_3_and_gc_takes_it_later(
         return scripted_guest(0)(server_id, disks, e)
 
     emu.guest = guest
-    timeouts = dataclasses.replace(FAST, delete=1)
+    timeouts = dataclasses.replace(timings.OPENSTACK, delete=1)
     backend = make_backend(emu.fake.metadata_url, emu.dev_root, tmp_path / "state", timeouts=timeouts)
     outcome = run_build(
         BuildJob("b1", tmp_path / "out", tmp_path / "work"), backend, FakeHostSteps(), RecordingConsole()

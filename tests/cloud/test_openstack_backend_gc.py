@@ -26,7 +26,8 @@ from cloudbuild.cloud.openstack.gc import OpenStackGc, gc_adapter
 from cloudbuild.retry import wait_for
 from cloudbuild.runner import spawn, terminate
 from cloudbuild.volume import TAG_GC_SEEN
-from tests.cloud.openstack_emulation import FAST, Emulation
+from tests.cloud.openstack_emulation import Emulation
+from tests.fakes import timings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ EMULATION_JOIN_TIMEOUT = 10.0
 
 @pytest.fixture
 def api(emu: Emulation) -> Iterator[Api]:
-    a = Api(connect(), timeouts=FAST)
+    a = Api(connect(), timeouts=timings.OPENSTACK)
     yield a
     a.close()
 

@@ -3,7 +3,9 @@ transient-error predicate, attach health, flavor choice and the boot hook."""
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 from pathlib import Path
 
 import keystoneauth1.exceptions as ksa_exc
@@ -15,7 +17,14 @@ import cloudbuild.cloud.openstack.devices as osdevices
 import cloudbuild.retry
 from cloudbuild.cloud.base import AttachHealth
 from cloudbuild.cloud.openstack.api import is_transient, translate
-from cloudbuild.cloud.openstack.builder import choose_flavor, user_data
+from cloudbuild.cloud.openstack.builder import (
+    PER_BOOT_HOOK,
+    TAG_ROOT_VOLUME,
+    TAG_SWAP_VOLUME,
+    choose_flavor,
+    user_data,
+    volume_metadata,
+)
 from cloudbuild.cloud.openstack.console import GAP_MARKER, ConsoleStream
 from cloudbuild.cloud.openstack.devices import find_device
 from cloudbuild.cloud.openstack.identity import worker_server_id
@@ -298,25 +307,64 @@ def test_default_flavor_is_the_smallest_that_fits() -> None:
         choose_flavor(FLAVORS, memory_mib=None, vcpus=16)
 
 
-def test_boot_hook_finds_volumes_by_serial_and_runs_the_agent(tmp_path: Path) -> None:
-    """Run the hook with a fake /dev and a python3 that prints its arguments."""
-    root_id, swap_id = VOLUME_ID, "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
-    script = user_data(root_id=root_id, swap_id=swap_id, fstype="ext4", mount_options="noatime")
+METADATA_SERVICE = "http://169.254.169.254/openstack/latest/meta_data.json"
+
+
+def _run_hook(tmp_path: Path, meta: dict[str, str]) -> tuple[str, Path]:
+    """Run the hook as cloud-init does (a file), with a fake /dev, the metadata service as a file,
+    the real python3 for its metadata reader and a python3 that prints the agent's arguments."""
+    script = user_data(fstype="ext4", mount_options="noatime")
+    assert METADATA_SERVICE in script and PER_BOOT_HOOK in script
+    (tmp_path / "meta_data.json").write_text(json.dumps({"uuid": "s1", "meta": meta}))
+    dev, per_boot = tmp_path / "dev", tmp_path / "per-boot" / "cloudbuild-builder"
+    script = (
+        script.replace("/dev/disk/by-id/", f"{dev}/disk/by-id/")
+        .replace("/dev/disk/by-label/config-2", f"{dev}/no-config-drive")
+        .replace(METADATA_SERVICE, f"file://{tmp_path}/meta_data.json")
+        .replace(PER_BOOT_HOOK, str(per_boot))
+    )
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python3").write_text('#!/bin/sh\necho "PYTHONPATH=$PYTHONPATH"; echo "$@"\n')
+    bin_dir.mkdir(exist_ok=True)
+    real = sys.executable
+    (bin_dir / "python3").write_text(
+        f'#!/bin/sh\n[ "$1" = -c ] && exec {real} "$@"\necho "PYTHONPATH=$PYTHONPATH"; echo "$@"\n'
+    )
     (bin_dir / "udevadm").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("python3", "udevadm"):
+    (bin_dir / "poweroff").write_text("#!/bin/sh\necho POWEROFF; exit 0\n")
+    for tool in ("python3", "udevadm", "poweroff"):
         (bin_dir / tool).chmod(0o755)
+    (dev / "disk" / "by-id").mkdir(parents=True, exist_ok=True)
+    hook = tmp_path / "user-data"
+    hook.write_text(script)
+    out = run(["sh", str(hook)], env={"PATH": f"{bin_dir}:/usr/bin:/bin"}).stdout
+    return out, per_boot
+
+
+def test_boot_hook_reads_volume_ids_from_metadata_finds_them_by_serial_and_runs_the_agent(
+    tmp_path: Path,
+) -> None:
+    root_id, swap_id = VOLUME_ID, "9e8d7c6b-5a4f-4e3d-8c2b-1a0f9e8d7c6b"
     dev = tmp_path / "dev"
-    script = script.replace("/dev/disk/by-id/", f"{dev}/disk/by-id/")
     (dev / "disk" / "by-id").mkdir(parents=True)
     (dev / "disk" / "by-id" / f"virtio-{root_id[:20]}").write_text("")
     (dev / "disk" / "by-id" / f"scsi-0QEMU_QEMU_HARDDISK_{swap_id}").write_text("")
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    out = run(["sh", "-c", script], env=env).stdout
+    out, per_boot = _run_hook(tmp_path, volume_metadata(root_id, swap_id))
     assert "PYTHONPATH=/usr/lib/cloudbuild" in out
     assert (
         f"-m cloudbuild.guest.agent --root {dev}/disk/by-id/virtio-{root_id[:20]} "
         f"--swap {dev}/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{swap_id} --fstype ext4 --mount-options noatime"
     ) in out
+    assert "POWEROFF" not in out
+    # installed for every later boot (a pool builder boots once per build; user data runs once)
+    assert per_boot.read_text() == (tmp_path / "user-data").read_text()
+    assert root_id not in per_boot.read_text()  # the ids come from the metadata of each boot
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{}, {TAG_ROOT_VOLUME: VOLUME_ID}, {TAG_ROOT_VOLUME: VOLUME_ID, TAG_SWAP_VOLUME: "x; reboot"}],
+    ids=["none", "swap-missing", "hostile"],
+)
+def test_boot_hook_without_volume_ids_in_metadata_powers_off(tmp_path: Path, meta: dict[str, str]) -> None:
+    out, _ = _run_hook(tmp_path, meta)
+    assert "cloudbuild: no volume ids in the server metadata" in out and "POWEROFF" in out

@@ -24,7 +24,8 @@ from cloudbuild.cloud.openstack.backend import OpenStackBackend
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.options import VmOptions
-from tests.cloud.openstack_emulation import FAST, Emulation, make_backend, qemu_guest
+from tests.cloud.openstack_emulation import Emulation, make_backend, qemu_guest
+from tests.fakes import timings
 from tests.fakes.console import RecordingConsole
 from tests.vm.localbuild import recipe as write_recipe
 
@@ -86,7 +87,7 @@ def test_cloudbuild_build_command_line_on_openstack(
         """The production backend with this test's /dev (where the emulated udev links volumes)."""
 
         def __init__(self, options: VmOptions):
-            super().__init__(options, timeouts=FAST, dev_root=emu.dev_root)
+            super().__init__(options, timeouts=timings.OPENSTACK, dev_root=emu.dev_root)
 
     monkeypatch.setitem(backend_registry._REGISTRY, "openstack", HereOpenStack)
     monkeypatch.setattr(cblog, "configure", lambda *args, **kwargs: None)  # keep pytest's capture

@@ -19,17 +19,17 @@ import requests
 from keystoneauth1 import exceptions as ks_exceptions
 from openstack import exceptions as os_exceptions
 
+from tests.fakes import timings
 from tests.fakes.openstack import FakeOpenStack, Quotas, running_fake
 
 pytest_plugins = ["tests.cloud.openstack_fixtures"]  # openstack_fake, openstack_conn, openstack_cloud_env
 
 Conn = openstack.connection.Connection
-FAST = {"interval": 0.01, "wait": 5}  # poll fast: the fake advances per GET, not per second
 
 
 def _available_volume(conn: Conn, **attrs: object) -> openstack.block_storage.v3.volume.Volume:
     vol = conn.block_storage.create_volume(size=attrs.pop("size", 1), **attrs)
-    return conn.block_storage.wait_for_status(vol, "available", **FAST)
+    return conn.block_storage.wait_for_status(vol, "available", **timings.SDK_WAIT)
 
 
 def _booted_server(conn: Conn, *volumes: object, **attrs: object) -> openstack.compute.v2.server.Server:
@@ -37,7 +37,7 @@ def _booted_server(conn: Conn, *volumes: object, **attrs: object) -> openstack.c
             "destination_type": "volume", "delete_on_termination": False} for i, v in enumerate(volumes)]
     server = conn.compute.create_server(name=attrs.pop("name", "build-1"), flavor_id="2", networks="none",
                                         block_device_mapping=bdm, **attrs)
-    return conn.compute.wait_for_server(server, **FAST)
+    return conn.compute.wait_for_server(server, **timings.SDK_WAIT)
 
 
 # -- Keystone -------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_volume_is_creating_then_available(openstack_fake: FakeOpenStack, openst
         size=10, name="root", volume_type="ssd", availability_zone="az2", metadata={"cloudbuild:slot": "1"})
     assert vol.status == "creating"
     assert openstack_conn.block_storage.get_volume(vol).status == "creating"  # lag=1: one GET sees it
-    vol = openstack_conn.block_storage.wait_for_status(vol, "available", **FAST)
+    vol = openstack_conn.block_storage.wait_for_status(vol, "available", **timings.SDK_WAIT)
     assert (vol.size, vol.volume_type, vol.availability_zone) == (10, "ssd", "az2")
     assert vol.metadata == {"cloudbuild:slot": "1"}
     assert vol.attachments == []
@@ -212,7 +212,7 @@ def test_server_boots_from_volumes_given_as_bdm_v2(openstack_fake: FakeOpenStack
              "delete_on_termination": False},
         ])
     assert openstack_conn.compute.get_server(server).status == "BUILD"
-    server = openstack_conn.compute.wait_for_server(server, **FAST)
+    server = openstack_conn.compute.wait_for_server(server, **timings.SDK_WAIT)
     assert (server.status, server.vm_state, server.task_state, server.power_state) == ("ACTIVE", "active", None, 1)
     assert server.availability_zone == "az2"
     assert server.metadata == {"cloudbuild:build": "b1"}
@@ -264,12 +264,12 @@ def test_stop_goes_through_powering_off_to_shutoff_and_start_back(openstack_conn
     openstack_conn.compute.stop_server(server)
     seen = openstack_conn.compute.get_server(server)
     assert (seen.status, seen.task_state) == ("ACTIVE", "powering-off")
-    server = openstack_conn.compute.wait_for_server(server, status="SHUTOFF", **FAST)
+    server = openstack_conn.compute.wait_for_server(server, status="SHUTOFF", **timings.SDK_WAIT)
     assert (server.vm_state, server.power_state) == ("stopped", 4)
     with pytest.raises(os_exceptions.ConflictException):
         openstack_conn.compute.stop_server(server)
     openstack_conn.compute.start_server(server)
-    assert openstack_conn.compute.wait_for_server(server, status="ACTIVE", **FAST).task_state is None
+    assert openstack_conn.compute.wait_for_server(server, status="ACTIVE", **timings.SDK_WAIT).task_state is None
 
 
 def test_power_off_hook_plays_the_guest_shutting_down(openstack_fake: FakeOpenStack,
@@ -299,7 +299,7 @@ def test_delete_server_goes_deleted_then_404_and_releases_volumes(openstack_fake
     with pytest.raises(os_exceptions.NotFoundException):
         openstack_conn.compute.get_server(server)
     assert openstack_conn.block_storage.get_volume(root).status == "detaching"
-    root = openstack_conn.block_storage.wait_for_status(root, "available", **FAST)
+    root = openstack_conn.block_storage.wait_for_status(root, "available", **timings.SDK_WAIT)
     assert root.attachments == []
     openstack_conn.block_storage.delete_volume(root)
     openstack_conn.block_storage.wait_for_delete(root, interval=0.01, wait=5)
@@ -312,7 +312,7 @@ def test_delete_on_termination_volumes_go_with_the_server(openstack_fake: FakeOp
     server = openstack_conn.compute.create_server(name="b", flavor_id="2", networks="none", block_device_mapping=[
         {"boot_index": 0, "uuid": root.id, "source_type": "volume", "destination_type": "volume",
          "delete_on_termination": True}])
-    openstack_conn.compute.wait_for_server(server, **FAST)
+    openstack_conn.compute.wait_for_server(server, **timings.SDK_WAIT)
     openstack_conn.compute.delete_server(server)
     openstack_conn.compute.wait_for_delete(server, interval=0.01, wait=5)
     openstack_conn.block_storage.wait_for_delete(root, interval=0.01, wait=5)
@@ -337,7 +337,7 @@ def test_server_can_stick_in_build_until_released(openstack_fake: FakeOpenStack,
     with pytest.raises(os_exceptions.ResourceTimeout):
         openstack_conn.compute.wait_for_server(server, interval=0.01, wait=0.2)
     openstack_fake.release_server(server.id)
-    assert openstack_conn.compute.wait_for_server(server, **FAST).status == "ACTIVE"
+    assert openstack_conn.compute.wait_for_server(server, **timings.SDK_WAIT).status == "ACTIVE"
 
 
 def test_concurrent_clients_see_consistent_state(openstack_fake: FakeOpenStack, openstack_conn: Conn) -> None:
@@ -345,7 +345,7 @@ def test_concurrent_clients_see_consistent_state(openstack_fake: FakeOpenStack, 
         conn = openstack.connect(**openstack_fake.connect_kwargs())
         vol = _available_volume(conn, name=f"v{i}")
         conn.compute.create_volume_attachment(openstack_fake.worker_server_id, vol)
-        return conn.block_storage.wait_for_status(vol, "in-use", **FAST).attachments[0]["device"]
+        return conn.block_storage.wait_for_status(vol, "in-use", **timings.SDK_WAIT).attachments[0]["device"]
 
     with ThreadPoolExecutor(max_workers=6) as pool:
         devices = list(pool.map(make_and_attach, range(6)))
@@ -357,7 +357,7 @@ def test_server_error_hook_fails_the_wait(openstack_fake: FakeOpenStack, opensta
         openstack_conn.image.find_image("cirros").id))
     openstack_fake.set_server_error(server.id, "No valid host was found.")
     with pytest.raises(os_exceptions.ResourceFailure):
-        openstack_conn.compute.wait_for_server(server, **FAST)
+        openstack_conn.compute.wait_for_server(server, **timings.SDK_WAIT)
     assert openstack_conn.compute.get_server(server).fault["message"] == "No valid host was found."
 
 
@@ -388,7 +388,7 @@ def test_attach_then_detach_a_volume_to_the_worker(openstack_fake: FakeOpenStack
     assert attachment.device == "/dev/vdb"  # the worker boots from vda
     assert attachment.attachment_id  # microversion >= 2.89
     assert openstack_conn.block_storage.get_volume(vol).status == "attaching"
-    vol = openstack_conn.block_storage.wait_for_status(vol, "in-use", **FAST)
+    vol = openstack_conn.block_storage.wait_for_status(vol, "in-use", **timings.SDK_WAIT)
     assert vol.attachments[0]["server_id"] == worker
     assert vol.attachments[0]["attachment_id"] == attachment.attachment_id
     assert vol.attachments[0]["device"] == "/dev/vdb"
@@ -396,7 +396,7 @@ def test_attach_then_detach_a_volume_to_the_worker(openstack_fake: FakeOpenStack
 
     openstack_conn.compute.delete_volume_attachment(worker, vol)
     assert openstack_conn.block_storage.get_volume(vol).status == "detaching"
-    vol = openstack_conn.block_storage.wait_for_status(vol, "available", **FAST)
+    vol = openstack_conn.block_storage.wait_for_status(vol, "available", **timings.SDK_WAIT)
     assert vol.attachments == []
     assert list(openstack_conn.compute.volume_attachments(worker)) == []
 
@@ -416,14 +416,14 @@ def test_volume_can_stick_in_attaching_until_released(openstack_fake: FakeOpenSt
     with pytest.raises(os_exceptions.ResourceTimeout):
         openstack_conn.block_storage.wait_for_status(vol, "in-use", interval=0.01, wait=0.2)
     openstack_fake.release_volume(vol.id)
-    assert openstack_conn.block_storage.wait_for_status(vol, "in-use", **FAST).status == "in-use"
+    assert openstack_conn.block_storage.wait_for_status(vol, "in-use", **timings.SDK_WAIT).status == "in-use"
 
 
 def test_volume_can_stick_in_detaching(openstack_fake: FakeOpenStack, openstack_conn: Conn) -> None:
     worker = openstack_fake.worker_server_id
     vol = _available_volume(openstack_conn)
     openstack_conn.compute.create_volume_attachment(worker, vol)
-    openstack_conn.block_storage.wait_for_status(vol, "in-use", **FAST)
+    openstack_conn.block_storage.wait_for_status(vol, "in-use", **timings.SDK_WAIT)
     openstack_fake.stick_volume(vol.id, "detaching")
     openstack_conn.compute.delete_volume_attachment(worker, vol)
     with pytest.raises(os_exceptions.ResourceTimeout):
@@ -437,10 +437,10 @@ def test_failed_attach_flips_back_to_available_once(openstack_fake: FakeOpenStac
     openstack_fake.fail_next_attach(vol.id)
     openstack_conn.compute.create_volume_attachment(worker, vol)
     assert openstack_conn.block_storage.get_volume(vol).status == "attaching"
-    assert openstack_conn.block_storage.wait_for_status(vol, "available", **FAST).attachments == []
+    assert openstack_conn.block_storage.wait_for_status(vol, "available", **timings.SDK_WAIT).attachments == []
     assert list(openstack_conn.compute.volume_attachments(worker)) == []
     openstack_conn.compute.create_volume_attachment(worker, vol)  # the second attempt works
-    assert openstack_conn.block_storage.wait_for_status(vol, "in-use", **FAST).status == "in-use"
+    assert openstack_conn.block_storage.wait_for_status(vol, "in-use", **timings.SDK_WAIT).status == "in-use"
 
 
 # -- faults ---------------------------------------------------------------------------------------
@@ -533,9 +533,9 @@ def test_observers_see_volumes_created_attached_detached_and_servers_booted(open
     server = _booted_server(openstack_conn, root)
     data = _available_volume(openstack_conn)
     openstack_conn.compute.create_volume_attachment(worker, data)
-    openstack_conn.block_storage.wait_for_status(data, "in-use", **FAST)
+    openstack_conn.block_storage.wait_for_status(data, "in-use", **timings.SDK_WAIT)
     openstack_conn.compute.delete_volume_attachment(worker, data)
-    openstack_conn.block_storage.wait_for_status(data, "available", **FAST)
+    openstack_conn.block_storage.wait_for_status(data, "available", **timings.SDK_WAIT)
     assert events == [
         ("created", root.id), ("attached", server.id, root.id, "/dev/vda"), ("booted", server.id),
         ("created", data.id), ("attached", worker, data.id, "/dev/vdb"), ("detached", worker, data.id),

@@ -51,8 +51,6 @@ ACCOUNT = "123456789012"
 REGION = "us-east-1"
 ZONE = "us-east-1a"
 
-FAST = timings.EC2
-
 
 def moto_backend() -> Any:
     from moto.ec2.models import ec2_backends
@@ -380,7 +378,9 @@ class Ec2World:
         )
         return base.replace(**changes)
 
-    def backend(self, *, limits: Ec2Limits = FAST, via_imds: bool = False, **changes: Any) -> Ec2Backend:
+    def backend(
+        self, *, limits: Ec2Limits = timings.EC2, via_imds: bool = False, **changes: Any
+    ) -> Ec2Backend:
         backend = Ec2Backend(
             self.options(**changes),
             api=Ec2Api(self.ec2),

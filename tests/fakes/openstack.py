@@ -489,7 +489,7 @@ class Cloud:
             raise fault(409, f"Cannot 'start' instance {server.id} while it is in vm_state "
                              f"{server.vm_state}")
         server.set_state("SHUTOFF", "stopped", "powering-on", SHUTDOWN)
-        server.begin(lambda: server.set_state("ACTIVE", "active", None, RUNNING))
+        server.begin(lambda: self._boot_done(server))  # a boot like the first: observers see it
 
     def delete_server(self, server: FakeServer) -> None:
         self._release_volumes(server, settle=False)

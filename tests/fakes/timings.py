@@ -32,6 +32,9 @@ OPENSTACK = Timeouts(
 )
 """OpenStack deadlines and poll intervals against the fake: every wait of a test build ends within seconds."""
 
+SDK_WAIT = {"interval": 0.01, "wait": 5}
+"""openstacksdk's own `wait_for_*` against the fake: poll fast, the fake advances per GET, not per second."""
+
 RETRY_SLEEP_CAP = 0.02
 """The longest backoff sleep `cloudbuild.retry` takes in a test (the retry logic itself is kept)."""
 

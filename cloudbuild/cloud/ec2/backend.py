@@ -7,7 +7,9 @@ attaches the root here so the host steps can mkfs and stage it, hands both to a 
 builder's console until it powers off, and takes the volumes back. No snapshot, no image, no
 kernel id, no fixed device name.
 
-The adapter is thin (see ARCHITECTURE.md): every EC2 call goes through `Ec2Api.call`, which retries
+This module is the Backend: options, volumes, and the build's phases around the builder; the
+builder instance's own life (launch or claim, run, console, release) is `Ec2Builder` in
+`builder.py`. The adapter is thin (see ARCHITECTURE.md): every EC2 call goes through `Ec2Api.call`, which retries
 throttling and eventual consistency through `cloudbuild.retry` and maps everything else to an exit
 code (capacity and quota: 3; bad AMI/subnet/group: 1). Waiting is `retry.wait_for` with a deadline.
 The leak sweep is `cloudbuild.cloud.common.sweep`; `Ec2GcAdapter` only lists, stamps and deletes.
@@ -15,50 +17,24 @@ The leak sweep is `cloudbuild.cloud.common.sweep`; `Ec2GcAdapter` only lists, st
 
 from __future__ import annotations
 
-import base64
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
 
 from cloudbuild.backend import BootResult, BuildSlot, Console, ExitReason, register
-from cloudbuild.cloud.base import BuilderState, CloudBackend, RunningElsewhere, host_lock, mark_swap_killed
-from cloudbuild.cloud.common import (
-    TAG_POOL,
-    build_tags,
-    format_time,
-    lease_expiry,
-)
-from cloudbuild.cloud.ec2.api import (
-    NOT_FOUND,
-    Ec2Api,
-    Ec2Context,
-    Ec2Error,
-    Ec2Limits,
-    client,
-    ec2_tags,
-    tag_dict,
-)
-from cloudbuild.cloud.ec2.builder import user_data
-from cloudbuild.cloud.ec2.console import ConsoleTail, decode_console
-from cloudbuild.cloud.ec2.devices import (
-    BY_ID_PREFIX,
-    HostPaths,
-    serial_of,
-)
+from cloudbuild.cloud.base import BuilderState, CloudBackend, RunningElsewhere, mark_swap_killed
+from cloudbuild.cloud.ec2.api import Ec2Api, Ec2Context, Ec2Limits, client
+from cloudbuild.cloud.ec2.builder import Ec2Builder, instance_tags, kill_builders_of
+from cloudbuild.cloud.ec2.devices import BY_ID_PREFIX, HostPaths, serial_of
 from cloudbuild.cloud.ec2.identity import Imds, WorkerIdentity
-from cloudbuild.cloud.ec2.volume import EbsVolume, attach_all, detach_all
-from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
+from cloudbuild.cloud.ec2.volume import EbsVolume, detach_all
+from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.retry import wait_for
-from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, Role, VolumePair
+from cloudbuild.volume import Role, VolumePair
 from cloudbuild.watchdog import Watchdog, watchdog_timeout
 
 log = get_logger(__name__)
-
-# --- the backend --------------------------------------------------------------------------------
 
 
 @register
@@ -79,14 +55,13 @@ class Ec2Backend(CloudBackend):
         state_dir: Path | None = None,
         limits: Ec2Limits | None = None,
     ):
+        self._builder: Ec2Builder | None = None  # before super(): it sets builder_state
         super().__init__(options, state_dir=state_dir)
         self._api = api
         self._identity = identity
         self._paths = paths or HostPaths()
         self._limits = limits or Ec2Limits()
         self._ctx: Ec2Context | None = None
-        self.builder: str | None = None  # instance id of the current builder
-        self._builder_from_pool = False
         self._nonce = uuid.uuid4().hex[:12]
 
     @property
@@ -105,8 +80,22 @@ class Ec2Backend(CloudBackend):
     def api(self) -> Ec2Api:
         return self.ctx.api
 
-    # - verify / volumes -
+    @property
+    def builder(self) -> Ec2Builder:
+        if self._builder is None:
+            self._builder = Ec2Builder(self.ctx, self.options, nonce=self._nonce)
+        return self._builder
 
+    @property  # the builder's own state, not a copy of it
+    def builder_state(self) -> BuilderState:
+        return self._builder.state if self._builder is not None else BuilderState.NONE
+
+    @builder_state.setter
+    def builder_state(self, value: BuilderState) -> None:
+        if self._builder is not None:
+            self._builder.state = value
+
+    # - verify / volumes -
     def verify(self) -> None:
         o = self.options
         if not o.ec2_builder_ami:
@@ -131,16 +120,6 @@ class Ec2Backend(CloudBackend):
             region=ctx.identity.region,
         )
 
-    def _tags(self, slot: BuildSlot, role: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        return build_tags(
-            owner=self.ctx.identity.instance_id,
-            build=slot.build_id,
-            slot=slot.slot,
-            expires=lease_expiry(self.options.build_timeout),
-            role=role,
-            extra=extra,
-        )
-
     def volumes(self, slot: BuildSlot) -> VolumePair:
         o = self.options
         if not self.acquire_build_lock(slot):
@@ -157,7 +136,7 @@ class Ec2Backend(CloudBackend):
                 self.ctx,
                 role,
                 size,
-                tags=self._tags(slot, role.value),
+                tags=instance_tags(self.ctx, o, slot, role.value),
                 client_token=f"cloudbuild-{self._nonce}-{role.value}",
             )
             for role, size in ((Role.ROOT, o.disk_size), (Role.SWAP, o.swap_size))
@@ -173,103 +152,7 @@ class Ec2Backend(CloudBackend):
             return None
         return f"/dev/disk/by-id/{BY_ID_PREFIX}{serial_of(self.pair.swap.id)}"
 
-    # - the builder -
-
-    def _describe_builder(self) -> dict[str, Any] | None:
-        if self.builder is None:
-            return None
-        result = self.api.call("describe_instances", InstanceIds=[self.builder], missing_ok=NOT_FOUND)
-        for reservation in (result or {}).get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                return dict(instance)
-        return None
-
-    def _instance_state(self) -> str:
-        info = self._describe_builder()
-        return str(info["State"]["Name"]) if info else "vanished"
-
-    def _wait_builder(
-        self,
-        states: Collection[str],
-        timeout: float,
-        what: str,
-        *,
-        give_up: Collection[str] = ("terminated", "vanished", "shutting-down"),
-    ) -> str:
-        """Wait until the builder is in one of `states`; a state in `give_up` ends the wait too."""
-
-        def probe() -> str | None:
-            state = self._instance_state()
-            return state if state in states or state in give_up else None
-
-        return wait_for(
-            probe,
-            what=what,
-            timeout=timeout,
-            interval=self.ctx.limits.poll,
-            max_interval=self.ctx.limits.poll_max,
-        )
-
-    def _claim_from_pool(self, slot: BuildSlot, hook: str) -> str | None:
-        """A stopped builder of this worker's pool, claimed for this build under the host lock."""
-        if self.options.ec2_pool <= 0:
-            return None
-        owner = self.ctx.identity.instance_id
-        with host_lock(self.ctx.lock_file):
-            result = self.api.must(
-                "describe_instances",
-                Filters=[
-                    {"Name": f"tag:{TAG_POOL}", "Values": [owner]},
-                    {"Name": "instance-state-name", "Values": ["stopped"]},
-                    {"Name": "image-id", "Values": [str(self.options.ec2_builder_ami)]},
-                ],
-            )
-            free = [
-                i
-                for r in result.get("Reservations", [])
-                for i in r.get("Instances", [])
-                if not tag_dict(i.get("Tags")).get(TAG_BUILD)
-            ]
-            if not free:
-                return None
-            instance_id = str(sorted(free, key=lambda i: str(i["InstanceId"]))[0]["InstanceId"])
-            self.api.must("create_tags", Resources=[instance_id], Tags=ec2_tags(self._tags(slot, "builder")))
-        # unlike RunInstances, ModifyInstanceAttribute wants the user data base64-encoded by the caller
-        self.api.must(
-            "modify_instance_attribute",
-            InstanceId=instance_id,
-            UserData={"Value": base64.b64encode(hook.encode())},
-        )
-        log.info("builder claimed from the pool", builder=instance_id)
-        return instance_id
-
-    def _launch(self, slot: BuildSlot, hook: str) -> str:
-        o = self.options
-        extra = {TAG_POOL: self.ctx.identity.instance_id} if o.ec2_pool > 0 else None
-        params: dict[str, Any] = {
-            "ImageId": o.ec2_builder_ami,
-            "InstanceType": o.ec2_instance_type or "t3.medium",
-            "MinCount": 1,
-            "MaxCount": 1,
-            "UserData": hook,
-            "Placement": {"AvailabilityZone": self.ctx.identity.availability_zone},
-            # the guest powers off when done: stop, so we can detach and read the volumes
-            "InstanceInitiatedShutdownBehavior": "stop",
-            "MetadataOptions": {"HttpTokens": "required"},
-            "TagSpecifications": [
-                {"ResourceType": "instance", "Tags": ec2_tags(self._tags(slot, "builder", extra))}
-            ],
-            # idempotent across retries of this call, not across builds that reuse a build id
-            "ClientToken": f"cloudbuild-{self._nonce}-builder",  # at most 64 characters
-        }
-        if o.ec2_subnet:
-            params["SubnetId"] = o.ec2_subnet
-        if o.ec2_security_group:
-            params["SecurityGroupIds"] = [o.ec2_security_group]
-        result = self.api.must("run_instances", **params)
-        instance_id = str(result["Instances"][0]["InstanceId"])
-        log.info("builder launched", builder=instance_id, instance_type=params["InstanceType"])
-        return instance_id
+    # - the builder (its life is Ec2Builder's) -
 
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
@@ -280,24 +163,15 @@ class Ec2Backend(CloudBackend):
         if not isinstance(root, EbsVolume) or not isinstance(swap, EbsVolume):
             raise InfraError("--vm-type ec2 runs builds on EBS volumes only")
         started = time.monotonic()
-        if self.builder is None:  # not started early by fixup()
-            self._start_builder(slot, root, swap)
         builder = self.builder
-        assert builder is not None
-        with bound(builder=builder, pool=self._builder_from_pool):
-            # attach as soon as EC2 accepts it (pending -> running); the boot hook waits for the
-            # volumes to appear
-            state = self._wait_builder(
-                ("running",),
-                self.ctx.limits.running,
-                f"builder {builder} to run",
-                # stopped already: its boot hook gave up waiting for the volumes
-                give_up=("stopped", "terminated", "vanished", "shutting-down"),
-            )
-            if state != "running":
-                return self._lost(state)
-            attach_all([root, swap], builder)
-            self.builder_state = BuilderState.RUNNING
+        if builder.id is None:  # not started early by fixup()
+            builder.start(slot, root, swap)
+        with bound(builder=builder.id, pool=builder.from_pool):
+            # attach as soon as EC2 accepts it (pending -> running); the boot hook waits for the volumes
+            never_ran = builder.wait_running()
+            if never_ran is not None:
+                return never_ran
+            builder.attach([root, swap])
             log.info("builder started", seconds=round(time.monotonic() - started, 3))
             remaining = None if timeout is None else max(1.0, timeout - (time.monotonic() - started))
             watchdog = Watchdog(
@@ -305,19 +179,23 @@ class Ec2Backend(CloudBackend):
             )
             watchdog.open()
             try:
-                result = self._stream_until_stopped(watchdog, remaining, killed=lambda: self.killed(slot))
+                result = builder.stream_until_stopped(watchdog, remaining, killed=lambda: self.killed(slot))
             finally:
                 watchdog.close()
             if watchdog.fired:
+                builder.powered_off = False  # the watchdog stopped it: never pooled
                 return BootResult(
                     ExitReason.WATCHDOG, detail=f"watchdog marker open for {watchdog.timeout:g}s"
                 )
             if result is not None and result.reason == ExitReason.KILLED:
-                self._mark_killed(swap)
+                # a killed build reports "failed" (BUILDSTATUS1 on swap, as obs-build's kill), so
+                # nothing is extracted: once the builder let go of the swap, mark it here
+                builder.wait_stopped()
+                swap.detach()
+                mark_swap_killed(swap)
                 return result
             if result is not None:
                 return result
-            self.builder_state = BuilderState.STOPPED
             detach_all([root, swap])
             return BootResult(ExitReason.POWERED_OFF)
 
@@ -325,194 +203,18 @@ class Ec2Backend(CloudBackend):
         """The root is staged: start the builder now, so that it boots while the host unmounts and
         detaches the root and clears the swap (its boot hook waits for the volumes to appear)."""
         pair = self.pair
-        if self.builder is not None or self.slot is None or pair is None or pair.swap is None:
+        if self.builder.id is not None or self.slot is None or pair is None or pair.swap is None:
             return
         if isinstance(pair.root, EbsVolume) and isinstance(pair.swap, EbsVolume):
-            self._start_builder(self.slot, pair.root, pair.swap)
-
-    def _start_builder(self, slot: BuildSlot, root: EbsVolume, swap: EbsVolume) -> None:
-        """Claim a pool builder and start it, or launch a new one; the volumes attach later."""
-        hook = user_data(build_id=slot.build_id, root=root.volume_id, swap=swap.volume_id)
-        builder = self._claim_from_pool(slot, hook)
-        self._builder_from_pool = builder is not None
-        if builder is None:
-            builder = self._launch(slot, hook)
-        self.builder = builder
-        self.builder_state = BuilderState.STARTING
-        if self._builder_from_pool:
-            self.api.must("start_instances", InstanceIds=[builder], eventual=("IncorrectState",))
-            log.info("pool builder starting", builder=builder)
-
-    def _lost(self, state: str) -> BootResult:
-        self.builder_state = BuilderState.LOST
-        log.error("builder vanished", state=state)
-        return BootResult(ExitReason.CRASHED, detail=f"builder instance {self.builder} {state} unexpectedly")
-
-    def _stream_until_stopped(
-        self, console: Console, timeout: float | None, *, killed: Callable[[], bool]
-    ) -> BootResult | None:
-        """Copy new console output to `console` until the builder stops; a BootResult when it did not."""
-        tail = ConsoleTail()
-        latest = [True]
-
-        def pump() -> None:
-            params: dict[str, Any] = {"InstanceId": self.builder}
-            if latest[0]:
-                params["Latest"] = True
-            try:
-                result = self.api.call("get_console_output", **params, missing_ok=NOT_FOUND)
-            except Ec2Error as exc:
-                if latest[0] and exc.code in (
-                    "UnsupportedOperation",
-                    "InvalidParameterValue",
-                    "InvalidParameter",
-                ):
-                    latest[0] = False  # Xen instances: only the buffered output
-                    return
-                raise
-            new = tail.feed(decode_console((result or {}).get("Output")))
-            if new:
-                console.write(new)
-
-        def probe() -> str | None:
-            pump()
-            state = self._instance_state()
-            return state if state in ("stopped", "terminated", "shutting-down", "vanished") else None
-
-        try:
-            state = wait_for(
-                probe,
-                what=f"builder {self.builder} to power off",
-                timeout=timeout if timeout is not None else float("inf"),
-                interval=self.ctx.limits.poll,
-                max_interval=self.ctx.limits.console_poll_max,
-            )
-        except DeadlineExceeded:
-            log.error("build timed out, stopping the builder", timeout=timeout)
-            self.kill()
-            return BootResult(ExitReason.TIMEOUT, detail=f"no power-off within {timeout:g}s")
-        if killed():
-            log.info("builder killed by `cloudbuild kill`", state=state)
-            return BootResult(ExitReason.KILLED)
-        if state != "stopped":
-            return self._lost(state)
-        pump()
-        return None
-
-    def _mark_killed(self, swap: EbsVolume) -> None:
-        """A killed build reports "failed" (BUILDSTATUS1 on swap, as obs-build's kill), so nothing
-        is extracted: once the builder let go of the swap, mark it here."""
-        self._wait_builder(
-            ("stopped", "terminated", "vanished"),
-            self.ctx.limits.stop,
-            f"killed builder {self.builder} to stop",
-        )
-        self.builder_state = BuilderState.STOPPED
-        swap.detach()
-        mark_swap_killed(swap)
+            self.builder.start(self.slot, pair.root, pair.swap)
 
     def kill(self) -> None:
-        if self.builder is None and self.running_elsewhere is not None:
-            self._kill_elsewhere(self.running_elsewhere)
-            return
-        if self.builder is None:
-            return
-        if self._builder_from_pool or self.options.ec2_pool > 0:
-            self.api.call("stop_instances", InstanceIds=[self.builder], Force=True, missing_ok=NOT_FOUND)
-        else:
-            self.api.call("terminate_instances", InstanceIds=[self.builder], missing_ok=NOT_FOUND)
-        log.info("builder killed", builder=self.builder)
-
-    def _kill_elsewhere(self, build_id: str) -> None:
-        """`cloudbuild kill`: stop the builder that another process on this worker runs `build_id` on."""
-        result = self.api.must(
-            "describe_instances",
-            Filters=[
-                {"Name": f"tag:{TAG_OWNER}", "Values": [self.ctx.identity.instance_id]},
-                {"Name": f"tag:{TAG_BUILD}", "Values": [build_id]},
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
-            ],
-        )
-        for reservation in result.get("Reservations", []):
-            for instance in reservation.get("Instances", []):
-                instance_id = instance["InstanceId"]
-                if TAG_POOL in tag_dict(instance.get("Tags")):
-                    self.api.call(
-                        "stop_instances", InstanceIds=[instance_id], Force=True, missing_ok=NOT_FOUND
-                    )
-                else:
-                    self.api.call("terminate_instances", InstanceIds=[instance_id], missing_ok=NOT_FOUND)
-                log.info("builder of a running build killed", builder=instance_id, build=build_id)
+        if self._builder is not None and self._builder.id is not None:
+            self._builder.kill()
+        elif self.running_elsewhere is not None:
+            kill_builders_of(self.ctx, self.running_elsewhere)
 
     def release_builder(self) -> None:
         """Terminate the builder, or stop it and hand it back to the pool; idempotent."""
-        if self.builder is None:
-            return
-        builder = self.builder
-        with bound(builder=builder):
-            state = self._instance_state()
-            if state == "vanished":
-                self.builder = None
-                self.builder_state = BuilderState.NONE
-                return
-            keep = (
-                self.options.ec2_pool > 0
-                and self.builder_state != BuilderState.LOST
-                and state in ("stopped", "stopping", "running")
-            )
-            if keep:
-                try:
-                    keep = self._return_to_pool(builder, state)
-                except InfraError as exc:
-                    log.warning("could not return the builder to the pool, terminating it", error=str(exc))
-                    keep = False
-            if not keep:
-                # no wait for "terminated": the volumes were taken back already, and a builder
-                # stuck in shutting-down is still swept by gc (its tags stay)
-                self.api.call("terminate_instances", InstanceIds=[builder], missing_ok=NOT_FOUND)
-                log.info("builder terminating")
-            self.builder = None
-            self.builder_state = BuilderState.NONE
-
-    def _return_to_pool(self, builder: str, state: str) -> bool:
-        if state != "stopped":
-            self.api.must("stop_instances", InstanceIds=[builder])
-            if (
-                self._wait_builder(("stopped",), self.ctx.limits.stop, f"builder {builder} to stop")
-                != "stopped"
-            ):
-                return False
-        info = self._describe_builder() or {}
-        attached = [
-            m
-            for m in info.get("BlockDeviceMappings", [])
-            if m.get("DeviceName") != info.get("RootDeviceName")
-        ]
-        if attached:
-            log.warning("builder still has volumes attached, not pooling it", count=len(attached))
-            return False
-        owner = self.ctx.identity.instance_id
-        with host_lock(self.ctx.lock_file):
-            pooled = self.api.must(
-                "describe_instances",
-                Filters=[
-                    {"Name": f"tag:{TAG_POOL}", "Values": [owner]},
-                    {"Name": "instance-state-name", "Values": ["stopped", "stopping", "pending", "running"]},
-                ],
-            )
-            members = [i for r in pooled.get("Reservations", []) for i in r.get("Instances", [])]
-            if len(members) > self.options.ec2_pool:
-                return False
-            self.api.must(
-                "create_tags",
-                Resources=[builder],
-                Tags=ec2_tags(
-                    {
-                        TAG_POOL: owner,
-                        TAG_BUILD: "",
-                        TAG_EXPIRES: format_time(lease_expiry(None)),
-                    }
-                ),
-            )
-        log.info("builder returned to the pool", pool_size=len(members))
-        return True
+        if self._builder is not None:
+            self._builder.release()

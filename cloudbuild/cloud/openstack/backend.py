@@ -23,17 +23,17 @@ from pathlib import Path
 
 from cloudbuild.backend import BootResult, BuildSlot, Console, ExitReason, register
 from cloudbuild.cloud.base import AttachHealth, CloudBackend, RunningElsewhere, mark_swap_killed
-from cloudbuild.cloud.common import build_tags, lease_expiry
+from cloudbuild.cloud.common import TAG_POOL, build_tags, lease_expiry
 from cloudbuild.cloud.openstack.api import Api, Timeouts, connect
-from cloudbuild.cloud.openstack.builder import Builder, choose_flavor, user_data
+from cloudbuild.cloud.openstack.builder import Builder, choose_flavor, user_data, volume_metadata
 from cloudbuild.cloud.openstack.devices import VIRTIO_SERIAL_LENGTH
 from cloudbuild.cloud.openstack.identity import worker_server_id
 from cloudbuild.cloud.openstack.volume import CinderVolume
 from cloudbuild.disk.mkfs import mount_options
-from cloudbuild.errors import InfraError, UsageError
+from cloudbuild.errors import CloudbuildError, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.volume import TAG_OWNER, Role, VolumePair
+from cloudbuild.volume import TAG_BUILD, TAG_OWNER, Role, Volume, VolumePair
 
 log = get_logger(__name__)
 
@@ -76,6 +76,7 @@ class OpenStackBackend(CloudBackend):
         self.dev_root = dev_root
         self.metadata_url = metadata_url
         self.builder: Builder | None = None
+        self._builder_reusable = False  # powered itself off, volumes back: may join the pool
         self._flavor: str | None = None
         self._image: str | None = None
 
@@ -191,6 +192,10 @@ class OpenStackBackend(CloudBackend):
         return f"/dev/disk/by-id/virtio-{self.pair.swap.id[:VIRTIO_SERIAL_LENGTH]}"
 
     # -- the build machine ---------------------------------------------------------------------
+    @property
+    def _pool_lock(self) -> Path:
+        return self.state_dir / "pool.lock"
+
     def boot_and_wait(
         self, pair: VolumePair, slot: BuildSlot, *, timeout: float | None, console: Console
     ) -> BootResult:
@@ -199,37 +204,65 @@ class OpenStackBackend(CloudBackend):
         if pair.swap is None:
             raise InfraError("openstack backend: a build needs a swap volume (the status channel)")
         o = self.options
+        root, swap = pair.root, pair.swap
         builder = self.builder = Builder(self.api, name=_server_name(slot, self.options))
-        tags = build_tags(
+        self._builder_reusable = False
+        pooling = o.openstack_pool > 0
+        metadata = build_tags(
             owner=self.worker,
             build=slot.build_id,
             slot=slot.slot,
             expires=lease_expiry(o.build_timeout),
             role="builder",
+            extra=volume_metadata(root.id, swap.id) | ({TAG_POOL: self.worker} if pooling else {}),
         )
-        script = user_data(
-            root_id=pair.root.id,
-            swap_id=pair.swap.id,
-            fstype=o.filesystem,
-            mount_options=mount_options(o.filesystem, o.mount_options),
-        )
+        script = user_data(fstype=o.filesystem, mount_options=mount_options(o.filesystem, o.mount_options))
+        result: BootResult | None = None
+        claimed = False
         try:
-            builder.create(
-                image=self._image,
-                flavor=self._flavor,
-                network=o.openstack_network,
-                volumes=[pair.root.id, pair.swap.id],
-                metadata=tags,
-                script=script,
+            claimed = pooling and builder.claim(
+                owner=self.worker, image=self._image, metadata=metadata, lock=self._pool_lock
             )
-            with bound(server=builder.id):
-                result = builder.run(timeout=timeout, console=console, killed=lambda: self.killed(slot))
+            if claimed:
+                for volume in (root, swap):  # Nova attaches to a stopped server; the hook finds them
+                    volume.attach(builder.id)
+                builder.start()
+            else:
+                builder.create(
+                    image=self._image,
+                    flavor=self._flavor,
+                    network=o.openstack_network,
+                    volumes=[root.id, swap.id],
+                    metadata=metadata,
+                    script=script,
+                )
+            with bound(server=builder.id, pool=claimed):
+                result = builder.run(
+                    timeout=timeout,
+                    console=console,
+                    killed=lambda: self.killed(slot),
+                    skip_earlier_console=claimed,
+                )
         finally:
-            # the volumes are only free once the server is gone: delete it on every path
-            builder.delete()
+            # the volumes are only free once the server let go of them: on every path
+            self._builder_reusable = self._take_volumes_back(builder, root, swap, pooling, result)
         if result.reason == ExitReason.KILLED:
-            mark_swap_killed(pair.swap)
+            mark_swap_killed(swap)
         return result
+
+    def _take_volumes_back(
+        self, builder: Builder, root: Volume, swap: Volume, pooling: bool, result: BootResult | None
+    ) -> bool:
+        """Detach the volumes from a builder that may join the pool, else delete it; whether it may."""
+        if pooling and result is not None and result.reason == ExitReason.POWERED_OFF:
+            try:
+                root.detach()
+                swap.detach()
+                return True
+            except CloudbuildError as exc:
+                log.warning("volumes did not come back from the builder, deleting it", error=str(exc))
+        builder.delete()
+        return False
 
     def kill(self) -> None:
         """This process' builder: delete it. Another process' (`cloudbuild kill`): mark and stop it."""
@@ -240,18 +273,32 @@ class OpenStackBackend(CloudBackend):
             return
         name = _server_name(self.slot, self.options)
         compute = self.api.conn.compute
-        servers = self.api.call(
-            f"find server {name}", lambda: list(compute.servers(name=f"^{re.escape(name)}$"))
-        )
+        servers = self.api.call(f"find server {name}", lambda: list(compute.servers(details=True)))
         for server in servers:
-            if server.name == name and (server.metadata or {}).get(TAG_OWNER) == self.worker:
+            meta = server.metadata or {}
+            # a claimed pool builder keeps the name of the build it was created for
+            ours = server.name == name or meta.get(TAG_BUILD) == self.slot.build_id
+            if ours and meta.get(TAG_OWNER) == self.worker:
                 builder = Builder(self.api, name=name)
                 builder.id = str(server.id)
                 builder.stop_killed()
 
     def release_builder(self) -> None:
-        if self.builder is not None:
-            self.builder.delete()
+        """Delete the builder, or hand it back to the pool when it powered itself off; idempotent."""
+        builder, self.builder = self.builder, None
+        if builder is None or builder.id is None:
+            return
+        keep, self._builder_reusable = self._builder_reusable, False
+        if keep:
+            try:
+                keep = builder.return_to_pool(
+                    owner=self.worker, limit=self.options.openstack_pool, lock=self._pool_lock
+                )
+            except CloudbuildError as exc:
+                log.warning("could not return the builder to the pool, deleting it", error=str(exc))
+                keep = False
+        if not keep:
+            builder.delete()
 
     def cleanup(self) -> None:
         super().cleanup()

@@ -6,6 +6,11 @@ The server boots the builder image (`--vm-kernel` names it, as obs-build's
 (`delete_on_termination` false: the volumes belong to the build, not to the server). Its boot
 hook is the user-data script `user_data()` writes: cloud-init runs it, it finds the volumes by
 their virtio serial and runs the guest agent on them, which powers the server off when done.
+
+With `--openstack-pool N` a builder that powered itself off is kept stopped and claimed by a later
+build (`Builder.claim`, `Builder.return_to_pool`). Nova cannot replace a server's user data, so
+the hook never carries volume ids: it reads them at every boot from the server's metadata
+(`cloudbuild:root-volume`, `cloudbuild:swap-volume`), which the worker sets on create and claim.
 """
 
 from __future__ import annotations
@@ -15,17 +20,19 @@ import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cloudbuild.backend import BootResult, Console, ExitReason
-from cloudbuild.cloud.common import format_time, utcnow
+from cloudbuild.cloud.base import host_lock
+from cloudbuild.cloud.common import TAG_POOL, format_time, lease_expiry, utcnow
 from cloudbuild.cloud.openstack.api import CONSOLE_API, Api
 from cloudbuild.cloud.openstack.console import ConsoleStream
 from cloudbuild.cloud.openstack.devices import VIRTIO_SERIAL_LENGTH
 from cloudbuild.errors import CloudbuildError, DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import call_with_retries, wait_for
-from cloudbuild.volume import TAG_OWNER
+from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER
 
 log = get_logger(__name__)
 
@@ -33,6 +40,48 @@ TAG_KILLED = "cloudbuild:killed"
 """Server metadata set by `cloudbuild kill` from another process before it stops the builder."""
 UNLIMITED = 30 * 24 * 3600.0  # "no build timeout" still needs a number for the waiter
 GUEST_PYTHONPATH = "/usr/lib/cloudbuild"
+TAG_ROOT_VOLUME = "cloudbuild:root-volume"
+TAG_SWAP_VOLUME = "cloudbuild:swap-volume"
+"""Server metadata: the build's volume ids, which the boot hook reads at every boot."""
+PER_BOOT_HOOK = "/var/lib/cloud/scripts/per-boot/cloudbuild-builder"
+"""Where the hook installs itself on its first boot: cloud-init runs user data once per server,
+scripts there at every boot (a pool builder boots once per build)."""
+
+# Reads the volume ids from the config drive when there is one, else from the metadata service.
+# Runs in the builder (python3 is there for the guest agent); prints "ROOT SWAP" or nothing.
+_READ_VOLUME_IDS = f"""
+import json, os, subprocess, sys, tempfile, time, urllib.request
+def config_drive():
+    label = "/dev/disk/by-label/config-2"
+    if not os.path.exists(label):
+        return None
+    with tempfile.TemporaryDirectory() as mnt:
+        if subprocess.run(["mount", "-o", "ro", label, mnt]).returncode != 0:
+            return None
+        try:
+            with open(os.path.join(mnt, "openstack/latest/meta_data.json")) as f:
+                return json.load(f)
+        finally:
+            subprocess.run(["umount", mnt])
+def metadata_service():
+    for _ in range(60):
+        try:
+            url = "http://169.254.169.254/openstack/latest/meta_data.json"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return json.load(r)
+        except OSError:
+            time.sleep(2)
+    return None
+doc = config_drive() or metadata_service() or {{}}
+meta = doc.get("meta") or {{}}
+ids = [str(meta.get("{TAG_ROOT_VOLUME}", "")), str(meta.get("{TAG_SWAP_VOLUME}", ""))]
+if all(i and i.replace("-", "").isalnum() for i in ids):
+    print(*ids)
+"""
+
+
+def volume_metadata(root_id: str, swap_id: str) -> dict[str, str]:
+    return {TAG_ROOT_VOLUME: root_id, TAG_SWAP_VOLUME: swap_id}
 
 
 @dataclass(frozen=True)
@@ -61,30 +110,34 @@ def choose_flavor(flavors: list[Any], *, memory_mib: int | None, vcpus: int) -> 
     return FlavorChoice(str(best.id), str(best.name), int(best.vcpus), int(best.ram))
 
 
-def user_data(
-    *, root_id: str, swap_id: str, fstype: str, mount_options: str, pythonpath: str = GUEST_PYTHONPATH
-) -> str:
-    """The builder's boot hook: cloud-init runs this once; it ends with the guest agent powering off."""
-
-    def names(volume_id: str) -> str:
-        short = volume_id[:VIRTIO_SERIAL_LENGTH]
-        return shlex.join(
-            [
-                f"/dev/disk/by-id/virtio-{short}",
-                f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{volume_id}",
-                f"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_{short}",
-            ]
-        )
-
+def user_data(*, fstype: str, mount_options: str, pythonpath: str = GUEST_PYTHONPATH) -> str:
+    """The builder's boot hook: it runs at every boot, reads the build's volume ids from the
+    server's metadata, and ends with the guest agent powering the server off."""
+    short = VIRTIO_SERIAL_LENGTH
+    names = " ".join(
+        [
+            f'"/dev/disk/by-id/virtio-$(printf %.{short}s "$1")"',
+            '"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_$1"',
+            f'"/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_$(printf %.{short}s "$1")"',
+        ]
+    )
     agent = ["--fstype", fstype] + (["--mount-options", mount_options] if mount_options else [])
     return "\n".join(
         [
             "#!/bin/sh",
-            "# cloudbuild builder boot hook: find the build volumes by serial, run the guest agent",
+            "# cloudbuild builder boot hook: read the build's volume ids from the server metadata,",
+            "# find the volumes by serial, run the guest agent (which powers the server off)",
+            f"hook={shlex.quote(PER_BOOT_HOOK)}",
+            '[ "$0" = "$hook" ] || { mkdir -p "${hook%/*}" && cp "$0" "$hook" && chmod 755 "$hook"; }',
             "udevadm settle --timeout=120 2>/dev/null || true",
-            'pick() { for dev in "$@"; do [ -e "$dev" ] && { echo "$dev"; return 0; }; done; return 1; }',
-            f"root=$(pick {names(root_id)}) || {{ echo 'cloudbuild: root volume not found'; poweroff -f; }}",
-            f"swap=$(pick {names(swap_id)}) || {{ echo 'cloudbuild: swap volume not found'; poweroff -f; }}",
+            f"ids=$(python3 -c {shlex.quote(_READ_VOLUME_IDS)})",
+            "set -- $ids",
+            '[ "$#" -eq 2 ] || { echo "cloudbuild: no volume ids in the server metadata"; poweroff -f; }',
+            "root_id=$1 swap_id=$2",
+            f'names() {{ for dev in {names}; do echo "$dev"; done; }}',
+            'pick() { for dev in $(names "$1"); do [ -e "$dev" ] && { echo "$dev"; return 0; }; done; return 1; }',
+            "root=$(pick \"$root_id\") || { echo 'cloudbuild: root volume not found'; poweroff -f; }",
+            "swap=$(pick \"$swap_id\") || { echo 'cloudbuild: swap volume not found'; poweroff -f; }",
             f"export PYTHONPATH={shlex.quote(pythonpath)}${{PYTHONPATH:+:$PYTHONPATH}}",
             'exec python3 -m cloudbuild.guest.agent --root "$root" --swap "$swap" ' + shlex.join(agent),
             "",
@@ -153,6 +206,67 @@ class Builder:
         self.log.info("builder server created", image=image, flavor=flavor, volumes=volumes)
         return self.id
 
+    # -- the warm pool (--openstack-pool) ----------------------------------------------------------
+    def claim(self, *, owner: str, image: str, metadata: Mapping[str, str], lock: Path) -> bool:
+        """Take a stopped, idle builder of `owner`'s pool for this build: tag it with the build
+        and its volume ids (its boot hook reads those). False when the pool has none."""
+        compute = self.compute
+        with host_lock(lock):
+            servers = self.api.call("list pool servers", lambda: list(compute.servers(details=True)))
+            free = sorted(
+                str(s.id)
+                for s in servers
+                if (s.metadata or {}).get(TAG_POOL) == owner
+                and not (s.metadata or {}).get(TAG_BUILD)
+                and s.status == "SHUTOFF"
+                and _image_id(s) == image
+            )
+            if not free:
+                return False
+            server_id = free[0]
+            self.api.call(
+                f"claim pool server {server_id}",
+                lambda: compute.set_server_metadata(server_id, **dict(metadata)),
+            )
+        self.id = server_id
+        self.log = self.log.bind(server=server_id)
+        self.log.info("builder claimed from the pool")
+        return True
+
+    def start(self) -> None:
+        """Boot a claimed builder (its volumes are attached already)."""
+        server_id = self.id
+        self.api.call(f"start server {server_id}", lambda: self.compute.start_server(server_id))
+        self.log.info("pool builder starting")
+
+    def return_to_pool(self, *, owner: str, limit: int, lock: Path) -> bool:
+        """Tag the stopped builder (volumes detached already) as an idle member of `owner`'s pool,
+        with a renewed lease; False when the pool is full (the caller deletes it)."""
+        server_id = self.id
+        compute = self.compute
+        with host_lock(lock):
+            servers = self.api.call("list pool servers", lambda: list(compute.servers(details=True)))
+            members = [
+                s
+                for s in servers
+                if (s.metadata or {}).get(TAG_POOL) == owner and s.status not in ("DELETED", "SOFT_DELETED")
+            ]
+            if len(members) > limit:
+                return False
+            idle = {TAG_BUILD: "", TAG_EXPIRES: format_time(lease_expiry(None))}
+            self.api.call(
+                f"return server {server_id} to the pool",
+                lambda: compute.set_server_metadata(server_id, **idle),
+            )
+            stale = [TAG_ROOT_VOLUME, TAG_SWAP_VOLUME]
+            self.api.find(
+                f"forget the volumes of server {server_id}",
+                lambda: compute.delete_server_metadata(server_id, stale),
+            )
+        self.log.info("builder returned to the pool", pool_size=len(members))
+        self.id = None
+        return True
+
     def _find_by_name(self, owner: str | None) -> str | None:
         """Our server of this name (another worker may run a build of the same id)."""
         for server in self.compute.servers(name=f"^{re.escape(self.name)}$"):
@@ -171,12 +285,18 @@ class Builder:
         return output if isinstance(output, str) else ""
 
     def run(
-        self, *, timeout: float | None, console: Console, killed: Callable[[], bool] = lambda: False
+        self,
+        *,
+        timeout: float | None,
+        console: Console,
+        killed: Callable[[], bool] = lambda: False,
+        skip_earlier_console: bool = False,
     ) -> BootResult:
         """Stream the console until the server powers off, fails, vanishes or the deadline passes.
 
         `killed()`: whether `cloudbuild kill` was here (the backend's kill marker); a server that
-        ends while it says so was killed, not lost.
+        ends while it says so was killed, not lost. `skip_earlier_console`: a pool builder's
+        console still holds its earlier builds' output, which is not this build's log.
         """
 
         def was_killed() -> bool:
@@ -185,7 +305,10 @@ class Builder:
         if self.id is None:
             raise InfraError("builder server not created")
         server_id = self.id
-        stream = ConsoleStream(self._console, console)
+        stream = ConsoleStream(self._console, _Discard() if skip_earlier_console else console)
+        if skip_earlier_console:
+            stream.poll()  # the earlier builds' lines: seen, never passed on
+            stream.sink, stream.bytes = console, 0
         t = self.api.timeouts
 
         def poll_console(final: bool) -> None:
@@ -292,3 +415,15 @@ class Builder:
         )
         self.log.info("builder server deleted")
         self.id = None
+
+
+class _Discard:
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def _image_id(server: Any) -> str | None:
+    image = getattr(server, "image", None)
+    if isinstance(image, Mapping):
+        return str(image.get("id")) if image.get("id") else None
+    return str(getattr(image, "id", None) or "") or None
