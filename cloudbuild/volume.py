@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -107,10 +107,8 @@ class VolumePair:
 
     root: Volume
     swap: Volume | None = None
-    extra: list[Volume] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Volume]:
         yield self.root
         if self.swap is not None:
             yield self.swap
-        yield from self.extra
