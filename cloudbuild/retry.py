@@ -11,6 +11,7 @@ Two kinds of policy:
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,20 +105,28 @@ def wait_for(
     timeout: float,
     interval: float = 1.0,
     max_interval: float | None = None,
+    jitter: float = 0.0,
 ) -> T:
     """Poll `probe` until it returns something other than None/False; raise DeadlineExceeded after `timeout`.
 
     The interval grows by half each poll up to `max_interval` (default: `interval`), so fast
-    events are seen fast and slow ones don't hammer an API.
+    events are seen fast and slow ones don't hammer an API. `jitter` (a fraction) lengthens each
+    interval by a random part of it, so the waits of many slots started together spread out
+    instead of polling a throttled API in lockstep.
     """
     cap = max_interval if max_interval is not None else interval
+    growing = tenacity.wait_exponential(
+        multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)
+    )
+
+    def spread(state: tenacity.RetryCallState) -> float:
+        return float(growing(state)) * (1.0 + random.uniform(0.0, jitter))
+
     started = time.monotonic()
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda value: value is None or value is False),
         stop=tenacity.stop_after_delay(timeout),
-        wait=tenacity.wait_exponential(
-            multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)
-        ),
+        wait=spread,
         sleep=lambda s: _sleep(s),
         reraise=True,
     )

@@ -122,6 +122,12 @@ def test_wait_for_backs_off_up_to_the_cap(sleeps: list[float]) -> None:
     assert sleeps == pytest.approx([1.0, 1.5, 2.25, 3.375, 4.0, 4.0, 4.0, 4.0])
 
 
+def test_wait_for_jitter_lengthens_each_interval_by_up_to_its_fraction(sleeps: list[float]) -> None:
+    answers = iter([None] * 40 + [1])
+    wait_for(lambda: next(answers), what="x", timeout=600, interval=1.0, max_interval=1.0, jitter=0.25)
+    assert all(1.0 <= s <= 1.25 for s in sleeps) and len(set(sleeps)) > 1
+
+
 def test_wait_for_without_a_cap_polls_at_the_interval(sleeps: list[float]) -> None:
     answers = iter([None] * 4 + [1])
     wait_for(lambda: next(answers), what="x", timeout=600, interval=0.5)
