@@ -19,6 +19,7 @@ from typing import ParamSpec, TypeVar
 
 import tenacity
 
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.errors import DeadlineExceeded
 from cloudbuild.log import get_logger
 
@@ -106,14 +107,21 @@ def wait_for(
     interval: float = 1.0,
     max_interval: float | None = None,
     jitter: float = 0.0,
+    deadline: Deadline | None = None,
 ) -> T:
     """Poll `probe` until it returns something other than None/False; raise DeadlineExceeded after `timeout`.
 
     The interval grows by half each poll up to `max_interval` (default: `interval`), so fast
     events are seen fast and slow ones don't hammer an API. `jitter` (a fraction) lengthens each
     interval by a random part of it, so the waits of many slots started together spread out
-    instead of polling a throttled API in lockstep.
+    instead of polling a throttled API in lockstep. A `deadline` (the phase's) cuts the wait
+    short when it ends first: then `PhaseExpired` names the phase and what was waited for.
     """
+    remaining = deadline.remaining() if deadline is not None else None
+    phase_bound = remaining is not None and remaining < timeout
+    if phase_bound:
+        assert deadline is not None and remaining is not None
+        timeout = remaining
     cap = max_interval if max_interval is not None else interval
     growing = tenacity.wait_exponential(
         multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)
@@ -133,6 +141,11 @@ def wait_for(
     try:
         result = retrying(probe)
     except tenacity.RetryError as exc:
+        if phase_bound and deadline is not None:
+            raise PhaseExpired(
+                f"{deadline.what} took longer than its deadline of {deadline.seconds:g}s"
+                f" (while waiting for {what})"
+            ) from exc
         raise DeadlineExceeded(f"timed out after {timeout:g}s waiting for {what}") from exc
     log.debug("waited", what=what, seconds=round(time.monotonic() - started, 3))
     return result  # type: ignore[return-value]

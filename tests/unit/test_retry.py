@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cloudbuild import retry
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.errors import DeadlineExceeded, ExitCode, exit_code_for
 from cloudbuild.retry import Policy, call_with_retries, retrying, wait_for
 
@@ -165,3 +166,25 @@ def test_wait_for_accepts_falsy_values_other_than_none_and_false(sleeps: list[fl
     assert wait_for(lambda: 0, what="x", timeout=1) == 0
     assert wait_for(lambda: "", what="x", timeout=1) == ""
     assert sleeps == []
+
+
+def test_wait_for_ends_by_the_phase_deadline_and_names_the_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "_sleep", lambda s: time.sleep(0.005))
+    with pytest.raises(PhaseExpired) as info:
+        wait_for(
+            lambda: None,
+            what="vol-1 to attach",
+            timeout=600,
+            interval=0.01,
+            deadline=Deadline("prepare", 0.1),
+        )
+    assert (
+        str(info.value) == "prepare took longer than its deadline of 0.1s (while waiting for vol-1 to attach)"
+    )
+
+
+def test_wait_for_under_a_roomy_deadline_ends_by_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "_sleep", lambda s: time.sleep(0.005))
+    with pytest.raises(DeadlineExceeded) as info:
+        wait_for(lambda: None, what="x", timeout=0.1, interval=0.01, deadline=Deadline("prepare", 600))
+    assert not isinstance(info.value, PhaseExpired)

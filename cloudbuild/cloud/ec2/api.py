@@ -23,7 +23,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from cloudbuild.cloud.base import AttachHealth, state_dir
 from cloudbuild.cloud.ec2.devices import HostPaths
 from cloudbuild.cloud.ec2.identity import WorkerIdentity
-from cloudbuild.cloud.ec2.watch import VolumeWatch
+from cloudbuild.cloud.ec2.watch import HostAnswers, VolumeWatch
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import call_with_retries
@@ -213,7 +213,8 @@ class Ec2Context:
     watch: VolumeWatch = field(init=False)
 
     def __post_init__(self) -> None:
-        self.watch = VolumeWatch(self.api)
+        # one answer file per worker host: its slots (processes) share every DescribeVolumes
+        self.watch = VolumeWatch(self.api, HostAnswers(self.state_dir, self.identity.instance_id))
 
     @property
     def lock_file(self) -> Path:

@@ -22,6 +22,7 @@ from cloudbuild.cloud.ec2.devices import (
     resolve_device,
     serial_of,
 )
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.disk.image import device_size, is_block_device
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
@@ -114,7 +115,8 @@ class EbsVolume(Volume):
 
     # - create / delete -
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
+        # nothing waits here (see below): the deadline reaches the wait in the first attach
         if self._id is not None:
             info = self.describe()
             if info is None:
@@ -165,11 +167,11 @@ class EbsVolume(Volume):
         already at hand (given after our last request), every further one is newer than the last,
         and one DescribeVolumes answers every volume of this worker being waited for."""
         volume_id = self.volume_id
-        seen = [-1]
+        seen = [0.0]
 
         def poll() -> T | None:
             answer = self.ctx.watch.current(volume_id, newer_than=seen[0])
-            seen[0] = answer.seq
+            seen[0] = answer.taken
             return probe(answer.info)
 
         with self.ctx.watch.waiting(volume_id):
@@ -180,6 +182,7 @@ class EbsVolume(Volume):
                 interval=self.ctx.limits.poll,
                 max_interval=self.ctx.limits.poll_max,
                 jitter=self.ctx.limits.poll_jitter,
+                deadline=self._deadline,
             )
 
     def delete(self) -> None:
@@ -192,13 +195,15 @@ class EbsVolume(Volume):
 
     # - attach / detach -
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         target = host or self.ctx.identity.instance_id
         here = target == self.ctx.identity.instance_id
-        with bound(volume=self.volume_id, attach_to=target):
+        with bound(volume=self.volume_id, attach_to=target), self._within(deadline):
             try:
                 if not self._prepare_attach(target):
                     self._attach_with_flip(target, attempts=2)
+            except PhaseExpired:
+                raise  # slow within the phase, not a broken host
             except InfraError as exc:
                 if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
                     raise self.ctx.health.failed(
@@ -304,15 +309,19 @@ class EbsVolume(Volume):
                 timeout=self.ctx.limits.device,
                 interval=0.05,
                 max_interval=1.0,
+                deadline=self._deadline,
             )
+        except PhaseExpired:
+            raise
         except DeadlineExceeded as exc:
             raise self.ctx.health.failed(InfraError(str(exc))) from exc
         log.info("volume attached here", device=str(node), device_name=self._device_name)
         return node
 
-    def detach(self) -> None:
-        if self._request_detach(force=False):
-            self._wait_detached()
+    def detach(self, *, deadline: Deadline | None = None) -> None:
+        with self._within(deadline):
+            if self._request_detach(force=False):
+                self._wait_detached()
 
     def _request_detach(self, *, force: bool) -> bool:
         """Ask EC2 to detach; False when the volume is attached nowhere."""
@@ -338,6 +347,8 @@ class EbsVolume(Volume):
         with bound(volume=self.volume_id):
             try:
                 self._wait_state("available", self.ctx.limits.detach)
+            except PhaseExpired:
+                raise  # slow, not stuck: no force within a phase that ran out
             except DeadlineExceeded:
                 log.warning("volume stuck detaching, forcing")
                 if self._request_detach(force=True):
