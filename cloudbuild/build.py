@@ -145,7 +145,7 @@ class Orchestrator:
         limits = self.job.limits
         with self.phase("verify", limits.verify):
             self.backend.verify()
-        with self.phase("volumes", limits.volumes):
+        with self.phase("volumes", limits.volumes) as deadline:
             self.pair = self.backend.volumes(self.slot)
             for volume in self.pair:
                 # recorded before create(): a create that fails half way (the volume exists but
@@ -153,17 +153,17 @@ class Orchestrator:
                 # does not exist is a no-op
                 self._created.append(volume)
                 with bound(volume=volume.id, role=volume.role.value):
-                    volume.create()
+                    volume.create(deadline=deadline)
         pair = self.pair
         swap_channel = self.backend.channel == "swap"
         with self.phase("prepare", limits.prepare) as deadline:
-            root_dev = self._attach(pair.root, first_use=True)
+            root_dev = self._attach(pair.root, deadline, first_use=True)
             self.steps.prepare_root(root_dev, self.backend, deadline)
             if swap_channel:
-                pair.root.detach()
+                pair.root.detach(deadline=deadline)
                 if pair.swap is not None:
-                    self.steps.reset_swap(self._attach(pair.swap, first_use=True), deadline)
-                    pair.swap.detach()
+                    self.steps.reset_swap(self._attach(pair.swap, deadline, first_use=True), deadline)
+                    pair.swap.detach(deadline=deadline)
         with self.phase("boot", limits.boot) as deadline:
             # an earlier build's `cloudbuild kill` in a kept --root must not make this one "killed";
             # here, once, for every backend (each reads the marker when its machine ends)
@@ -181,10 +181,10 @@ class Orchestrator:
             raise InfraError(f"the build machine reported status {status}")
         with self.phase("extract", limits.extract) as deadline:
             if swap_channel:
-                swap_dev = self._attach(pair.swap) if pair.swap is not None else None
-                self.steps.extract(self._attach(pair.root), swap_dev, self.job.dest, deadline)
+                swap_dev = self._attach(pair.swap, deadline) if pair.swap is not None else None
+                self.steps.extract(self._attach(pair.root, deadline), swap_dev, self.job.dest, deadline)
             else:
-                self.steps.extract(self._attach(pair.root), None, self.job.dest, deadline)
+                self.steps.extract(self._attach(pair.root, deadline), None, self.job.dest, deadline)
         if status == 2:
             raise Unchanged("the build result is unchanged")
 
@@ -192,16 +192,18 @@ class Orchestrator:
         """A failed build still hands back its `_statistics` (obs-build does); missing it is no error."""
         try:
             with self.phase("statistics", seconds) as deadline:
-                swap = self._attach(pair.swap) if swap_channel and pair.swap is not None else None
-                self.steps.extract_statistics(self._attach(pair.root), swap, self.job.dest, deadline)
+                swap = self._attach(pair.swap, deadline) if swap_channel and pair.swap is not None else None
+                self.steps.extract_statistics(
+                    self._attach(pair.root, deadline), swap, self.job.dest, deadline
+                )
         except CloudbuildError as exc:
             log.warning("no statistics of the failed build", error=str(exc))
 
-    def _attach(self, volume: Volume, *, first_use: bool = False) -> Path:
+    def _attach(self, volume: Volume, deadline: Deadline, *, first_use: bool = False) -> Path:
         """Attach here; on first use, a supplied volume (not ours) is wiped of what an earlier
         user left on it, here and only here, for every backend."""
         with bound(volume=volume.id, role=volume.role.value):
-            device = volume.attach()
+            device = volume.attach(deadline=deadline)
             if device is None:
                 raise InfraError(f"{volume!r}: attach to this worker returned no device")
             if first_use and not volume.owned:
@@ -209,7 +211,7 @@ class Orchestrator:
         return device
 
     def _status(self, result: BootResult, pair: VolumePair, seconds: float) -> int:
-        with self.phase("status", seconds):
+        with self.phase("status", seconds) as deadline:
             if result.reason in (ExitReason.TIMEOUT, ExitReason.WATCHDOG, ExitReason.CRASHED):
                 raise InfraError(
                     f"build machine {result.reason.value}" + (f": {result.detail}" if result.detail else "")
@@ -221,7 +223,7 @@ class Orchestrator:
                 return 3 if result.status == 255 else result.status
             if pair.swap is None:
                 raise InfraError("no swap volume to read the build status from")
-            status = self.steps.read_status(self._attach(pair.swap))
+            status = self.steps.read_status(self._attach(pair.swap, deadline))
             if status is None:
                 raise InfraError(
                     "no build status on the swap volume: the base system or the build host is broken"

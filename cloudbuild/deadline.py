@@ -32,3 +32,8 @@ class Deadline:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
+
+
+class PhaseExpired(DeadlineExceeded):
+    """A wait ended because its phase's deadline ran out, not its own limit: the thing waited
+    for was slow within the phase, not stuck (no host health is charged for it)."""

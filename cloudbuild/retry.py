@@ -11,6 +11,7 @@ Two kinds of policy:
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import ParamSpec, TypeVar
 
 import tenacity
 
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.errors import DeadlineExceeded
 from cloudbuild.log import get_logger
 
@@ -104,26 +106,46 @@ def wait_for(
     timeout: float,
     interval: float = 1.0,
     max_interval: float | None = None,
+    jitter: float = 0.0,
+    deadline: Deadline | None = None,
 ) -> T:
     """Poll `probe` until it returns something other than None/False; raise DeadlineExceeded after `timeout`.
 
     The interval grows by half each poll up to `max_interval` (default: `interval`), so fast
-    events are seen fast and slow ones don't hammer an API.
+    events are seen fast and slow ones don't hammer an API. `jitter` (a fraction) lengthens each
+    interval by a random part of it, so the waits of many slots started together spread out
+    instead of polling a throttled API in lockstep. A `deadline` (the phase's) cuts the wait
+    short when it ends first: then `PhaseExpired` names the phase and what was waited for.
     """
+    remaining = deadline.remaining() if deadline is not None else None
+    phase_bound = remaining is not None and remaining < timeout
+    if phase_bound:
+        assert deadline is not None and remaining is not None
+        timeout = remaining
     cap = max_interval if max_interval is not None else interval
+    growing = tenacity.wait_exponential(
+        multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)
+    )
+
+    def spread(state: tenacity.RetryCallState) -> float:
+        return float(growing(state)) * (1.0 + random.uniform(0.0, jitter))
+
     started = time.monotonic()
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda value: value is None or value is False),
         stop=tenacity.stop_after_delay(timeout),
-        wait=tenacity.wait_exponential(
-            multiplier=interval, exp_base=1.5, min=interval, max=max(cap, interval)
-        ),
+        wait=spread,
         sleep=lambda s: _sleep(s),
         reraise=True,
     )
     try:
         result = retrying(probe)
     except tenacity.RetryError as exc:
+        if phase_bound and deadline is not None:
+            raise PhaseExpired(
+                f"{deadline.what} took longer than its deadline of {deadline.seconds:g}s"
+                f" (while waiting for {what})"
+            ) from exc
         raise DeadlineExceeded(f"timed out after {timeout:g}s waiting for {what}") from exc
     log.debug("waited", what=what, seconds=round(time.monotonic() - started, 3))
     return result  # type: ignore[return-value]

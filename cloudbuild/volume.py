@@ -16,10 +16,13 @@ Contract every kind keeps:
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from cloudbuild.deadline import Deadline
 
 
 class Role(enum.StrEnum):
@@ -56,22 +59,30 @@ class Volume(abc.ABC):
         self.size_mib = size_mib
         self.owned = owned  # created by us (delete after use) or supplied by the user (wipe, keep)
         self.tags: dict[str, str] = dict(tags or {})
+        # the phase deadline of the create/attach/detach under way (`_within`): the waits of a
+        # kind that waits pass it to `retry.wait_for`
+        self._deadline: Deadline | None = None
 
     @property
     @abc.abstractmethod
     def id(self) -> str:
         """The volume's identity (cloud volume id, image path, minidisk address)."""
 
+    # `deadline`: the phase's. Every wait inside ends by it too (`retry.wait_for(deadline=)`), so a
+    # phase limit bites inside a slow create/attach/detach, not only after it returned; a wait cut
+    # short by it raises `PhaseExpired` (slow, not stuck: no host health is charged). Kinds
+    # without waits accept and ignore it.
+
     @abc.abstractmethod
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         """Create the volume if it does not exist yet (no-op for supplied volumes that exist)."""
 
     @abc.abstractmethod
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         """Attach to `host` (None: this worker) and wait; return the local device node when attached here."""
 
     @abc.abstractmethod
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         """Detach from wherever it is attached and wait until it is available; no-op when detached."""
 
     @abc.abstractmethod
@@ -81,6 +92,16 @@ class Volume(abc.ABC):
     @abc.abstractmethod
     def state(self) -> VolumeState:
         """The current state as the backing store reports it."""
+
+    @contextlib.contextmanager
+    def _within(self, deadline: Deadline | None) -> Iterator[None]:
+        """Make `deadline` the one every wait of this call ends by (an inner call without one
+        keeps the outer call's)."""
+        outer, self._deadline = self._deadline, deadline or self._deadline
+        try:
+            yield
+        finally:
+            self._deadline = outer
 
     @property
     def local_path(self) -> Path | None:

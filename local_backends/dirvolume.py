@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from cloudbuild.deadline import Deadline
 from cloudbuild.errors import InfraError
 from cloudbuild.log import get_logger
 from cloudbuild.volume import Role, Volume, VolumeState
@@ -58,7 +59,7 @@ class DirectoryVolume(Volume):
     def id(self) -> str:
         return str(self.path)
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         if self.path.is_symlink():
             raise InfraError(f"build root {self.path} is a symlink")
         if self.path.exists() and self.owned and any(self.path.iterdir()):
@@ -66,14 +67,14 @@ class DirectoryVolume(Volume):
             self.delete()
         self.path.mkdir(parents=True, exist_ok=True, mode=0o755)
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         if host is not None:
             return None  # the container/chroot uses the folder where it is
         if not self.path.is_dir() or self.path.is_symlink():
             raise InfraError(f"build root {self.path} is not a folder")
         return self.path
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         """Nothing is attached; the folder stays where it is."""
 
     def wipe(self, device: Path) -> None:

@@ -17,6 +17,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from cloudbuild.deadline import Deadline
 from cloudbuild.disk.image import create_image, is_block_device, zero_head
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import get_logger
@@ -55,7 +56,7 @@ class LocalVolume(Volume):
     def is_block_device(self) -> bool:
         return is_block_device(self.path)
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         """Create the image (or reuse it); with `clean`, delete an old image file first."""
         if self.path.is_symlink() and not self.path.exists():
             raise UsageError(f"{self.role.value} disk {self.path} is a dangling symlink")
@@ -80,13 +81,13 @@ class LocalVolume(Volume):
         create_image(self.path, self.size_mib)
         self.created = True
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         if not self.path.exists():
             raise InfraError(f"{self.role.value} disk {self.path} does not exist")
         self.attached_to = host
         return self.path if host is None else None
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         self.attached_to = None
 
     def delete(self) -> None:

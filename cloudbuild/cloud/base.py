@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cloudbuild.backend import Backend, BuildSlot, was_killed
+from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import CloudbuildError, HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
@@ -182,13 +183,13 @@ class RunningElsewhere(Volume):
     def id(self) -> str:
         return f"<{self.role.value} of build {self.build_id}, running elsewhere>"
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         raise UsageError(f"build {self.build_id} is running on this worker already")
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         return None
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         pass
 
     def delete(self) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from cloudbuild.backend import Backend, BootResult, BuildSlot, Console, ExitReason, register
+from cloudbuild.deadline import Deadline
 from cloudbuild.disk.image import is_block_device
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import get_logger
@@ -114,7 +115,7 @@ class ZvmMinidisk(Volume):
     def linked_here(self) -> bool:
         return vmcp("q", "v", self.devnr, check=False).returncode == 0
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         """Minidisks exist in the user directory; nothing to create."""
 
     def delete(self) -> None:
@@ -125,7 +126,7 @@ class ZvmMinidisk(Volume):
             return VolumeState.ATTACHED
         return VolumeState.IN_USE if self.in_worker else VolumeState.AVAILABLE
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         if host is not None:
             self._attach_to_worker(host)
             return None
@@ -187,7 +188,7 @@ class ZvmMinidisk(Volume):
             except CommandError as exc:
                 raise InfraError(f"could not detach local device {self.devnr}: {exc}") from exc
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         self.detach_local()
         if self.in_worker:
             self._detach_from_worker(check=False)

@@ -28,6 +28,7 @@ from cloudbuild.cloud.base import (
     mark_swap_killed,
 )
 from cloudbuild.cloud.common import GcAdapter, Resource, build_tags, format_time, lease_expiry
+from cloudbuild.deadline import Deadline
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.options import VmOptions
 from cloudbuild.retry import Policy, call_with_retries, wait_for
@@ -148,7 +149,7 @@ class ExampleVolume(Volume):
     def id(self) -> str:
         return self._id or f"<{self.role.value}, not created>"
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         cloud = self.api.cloud
 
         def create() -> str:
@@ -165,7 +166,7 @@ class ExampleVolume(Volume):
     def _disk(self) -> Disk | None:
         return self.api.cloud.volumes.get(self._id or "")
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         cloud = self.api.cloud
         target = host or cloud.worker
 
@@ -186,7 +187,7 @@ class ExampleVolume(Volume):
             lambda: find_device(cloud.dev, str(self._id)), what=f"device of {self._id}", timeout=5.0
         )
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         cloud = self.api.cloud
 
         def detach() -> None:

@@ -13,6 +13,7 @@ from cloudbuild.build import BuildJob, run_build
 from cloudbuild.cloud.common import parse_time
 from cloudbuild.cloud.ec2.api import Ec2Limits
 from cloudbuild.cloud.ec2.volume import EbsVolume
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.errors import ExitCode, HostBroken, InfraError
 from cloudbuild.volume import TAG_BUILD, TAG_EXPIRES, TAG_OWNER, TAG_ROLE, TAG_SLOT, VolumeState
 from tests.fakes import timings
@@ -342,3 +343,20 @@ def test_a_create_whose_answer_was_lost_is_retried_without_a_second_volume(ec2_w
         assert [v["VolumeId"] for v in mine["Volumes"]] == [root.id]
     finally:
         root.release()
+
+
+def test_the_phase_deadline_ends_a_slow_attach_without_charging_the_host(ec2_world: Ec2World):
+    # the volume's own limit is long; the phase's deadline is what ends the wait, each time,
+    # and a phase running out is slowness, not a broken host: three in a row stay exit 3
+    limits = Ec2Limits(**{**FAST.__dict__, "attach": 60.0, "flip_grace": 60.0})
+    lost_attach(ec2_world, times=10)
+    for i in range(3):
+        root, _ = pair(ec2_world, build_id=f"b{i}", limits=limits)
+        root.create()
+        try:
+            with pytest.raises(PhaseExpired) as info:
+                root.attach(deadline=Deadline("prepare", 0.3))
+            assert info.value.exit_code == ExitCode.INFRA and not isinstance(info.value, HostBroken)
+            assert "prepare took longer than its deadline of 0.3s" in str(info.value)
+        finally:
+            root.release()

@@ -106,7 +106,7 @@ class MemoryVolume(Volume):
     def _op(self, op: str) -> None:
         self.ledger.record(f"{op}:{self.role.value}")
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
         self._op("create")
         if self.deleted:
             raise self.ledger.misuse(f"create {self.id} after it was deleted")
@@ -120,7 +120,7 @@ class MemoryVolume(Volume):
             raise
         self.exists = True
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         target = host or WORKER
         self._op(f"attach@{target}")
         if not self.exists or self.deleted:
@@ -131,7 +131,7 @@ class MemoryVolume(Volume):
         self.host = target
         return self.device if target == WORKER else None
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
         self._op("detach")
         self.faults.check("detach", f"detach:{self.role.value}")
         self.host = None

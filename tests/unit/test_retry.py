@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from cloudbuild import retry
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.errors import DeadlineExceeded, ExitCode, exit_code_for
 from cloudbuild.retry import Policy, call_with_retries, retrying, wait_for
 
@@ -122,6 +123,12 @@ def test_wait_for_backs_off_up_to_the_cap(sleeps: list[float]) -> None:
     assert sleeps == pytest.approx([1.0, 1.5, 2.25, 3.375, 4.0, 4.0, 4.0, 4.0])
 
 
+def test_wait_for_jitter_lengthens_each_interval_by_up_to_its_fraction(sleeps: list[float]) -> None:
+    answers = iter([None] * 40 + [1])
+    wait_for(lambda: next(answers), what="x", timeout=600, interval=1.0, max_interval=1.0, jitter=0.25)
+    assert all(1.0 <= s <= 1.25 for s in sleeps) and len(set(sleeps)) > 1
+
+
 def test_wait_for_without_a_cap_polls_at_the_interval(sleeps: list[float]) -> None:
     answers = iter([None] * 4 + [1])
     wait_for(lambda: next(answers), what="x", timeout=600, interval=0.5)
@@ -159,3 +166,25 @@ def test_wait_for_accepts_falsy_values_other_than_none_and_false(sleeps: list[fl
     assert wait_for(lambda: 0, what="x", timeout=1) == 0
     assert wait_for(lambda: "", what="x", timeout=1) == ""
     assert sleeps == []
+
+
+def test_wait_for_ends_by_the_phase_deadline_and_names_the_phase(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "_sleep", lambda s: time.sleep(0.005))
+    with pytest.raises(PhaseExpired) as info:
+        wait_for(
+            lambda: None,
+            what="vol-1 to attach",
+            timeout=600,
+            interval=0.01,
+            deadline=Deadline("prepare", 0.1),
+        )
+    assert (
+        str(info.value) == "prepare took longer than its deadline of 0.1s (while waiting for vol-1 to attach)"
+    )
+
+
+def test_wait_for_under_a_roomy_deadline_ends_by_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retry, "_sleep", lambda s: time.sleep(0.005))
+    with pytest.raises(DeadlineExceeded) as info:
+        wait_for(lambda: None, what="x", timeout=0.1, interval=0.01, deadline=Deadline("prepare", 600))
+    assert not isinstance(info.value, PhaseExpired)

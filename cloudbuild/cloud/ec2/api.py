@@ -23,6 +23,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from cloudbuild.cloud.base import AttachHealth, state_dir
 from cloudbuild.cloud.ec2.devices import HostPaths
 from cloudbuild.cloud.ec2.identity import WorkerIdentity
+from cloudbuild.cloud.ec2.watch import HostAnswers, VolumeWatch
 from cloudbuild.errors import InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.retry import call_with_retries
@@ -195,6 +196,7 @@ class Ec2Limits:
     terminate: float = 600.0
     poll: float = 1.0  # first poll interval of a wait; grows by half to poll_max
     poll_max: float = 10.0
+    poll_jitter: float = 0.2  # each poll interval lengthened by up to this part of it (slots spread out)
     console_poll_max: float = 5.0  # while a build runs: how late a power-off is noticed, at most
     broken_after: int = 3  # attach failures in a row on this worker before it declares itself broken
 
@@ -208,6 +210,11 @@ class Ec2Context:
     paths: HostPaths = field(default_factory=HostPaths)
     state_dir: Path = field(default_factory=lambda: state_dir("ec2"))
     limits: Ec2Limits = field(default_factory=Ec2Limits)
+    watch: VolumeWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        # one answer file per worker host: its slots (processes) share every DescribeVolumes
+        self.watch = VolumeWatch(self.api, HostAnswers(self.state_dir, self.identity.instance_id))
 
     @property
     def lock_file(self) -> Path:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cloudbuild import runner
 from cloudbuild.cloud.base import host_lock
@@ -22,6 +22,7 @@ from cloudbuild.cloud.ec2.devices import (
     resolve_device,
     serial_of,
 )
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.disk.image import device_size, is_block_device
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import bound, get_logger
@@ -29,6 +30,8 @@ from cloudbuild.retry import wait_for
 from cloudbuild.volume import Role, Volume, VolumeState
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 # --- EBS volumes ------------------------------------------------------------------------------
 
@@ -75,9 +78,14 @@ class EbsVolume(Volume):
         """The volume as EC2 sees it now; None when it does not exist (any more)."""
         if self._id is None:
             return None
-        result = self.ctx.api.call("describe_volumes", VolumeIds=[self._id], missing_ok=NOT_FOUND)
-        volumes = (result or {}).get("Volumes", [])
-        return volumes[0] if volumes else None
+        return self.ctx.watch.describe([self._id])[self._id].info
+
+    def _known(self) -> dict[str, Any] | None:
+        """The volume as EC2 last described it after our last request on it (asked only when no
+        such answer exists: our own finished waits leave one behind); None when it does not exist."""
+        if self._id is None:
+            return None
+        return self.ctx.watch.current(self._id).info
 
     @staticmethod
     def _attachment(info: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -107,7 +115,8 @@ class EbsVolume(Volume):
 
     # - create / delete -
 
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
+        # nothing waits here (see below): the deadline reaches the wait in the first attach
         if self._id is not None:
             info = self.describe()
             if info is None:
@@ -130,6 +139,7 @@ class EbsVolume(Volume):
             params["ClientToken"] = self._client_token  # a retried create returns the same volume
         created = self.ctx.api.must("create_volume", **params)
         self._id = str(created["VolumeId"])
+        self.ctx.watch.changed(self._id)
         # no wait here: the volume becomes available while the next one is created; the first
         # operation that needs it (attach, delete) waits (`_ready`)
         self._creating = True
@@ -143,40 +153,57 @@ class EbsVolume(Volume):
             self._creating = False
 
     def _wait_state(self, want: str, timeout: float) -> dict[str, Any]:
-        def probe() -> dict[str, Any] | None:
-            result = self.ctx.api.call(
-                "describe_volumes", VolumeIds=[self.volume_id], eventual=("InvalidVolume.NotFound",)
-            )
-            info: dict[str, Any] = (result or {}).get("Volumes", [{}])[0]
-            state = info.get("State")
+        # a volume absent from an answer right after its creation is not visible yet: keep waiting
+        def probe(info: dict[str, Any] | None) -> dict[str, Any] | None:
+            state = (info or {}).get("State")
             if state == "error":
                 raise InfraError(f"EBS volume {self._id} went into state 'error'")
-            return info if state == want and self._attachment(info) is None else None
+            return info if info is not None and state == want and self._attachment(info) is None else None
 
-        return wait_for(
-            probe,
-            what=f"EBS volume {self._id} to be {want}",
-            timeout=timeout,
-            interval=self.ctx.limits.poll,
-            max_interval=self.ctx.limits.poll_max,
-        )
+        return self._watch(probe, what=f"EBS volume {self._id} to be {want}", timeout=timeout)
+
+    def _watch(self, probe: Callable[[dict[str, Any] | None], T | None], *, what: str, timeout: float) -> T:
+        """Wait until `probe` accepts an answer about this volume: the first answer may be one
+        already at hand (given after our last request), every further one is newer than the last,
+        and one DescribeVolumes answers every volume of this worker being waited for."""
+        volume_id = self.volume_id
+        seen = [0.0]
+
+        def poll() -> T | None:
+            answer = self.ctx.watch.current(volume_id, newer_than=seen[0])
+            seen[0] = answer.taken
+            return probe(answer.info)
+
+        with self.ctx.watch.waiting(volume_id):
+            return wait_for(
+                poll,
+                what=what,
+                timeout=timeout,
+                interval=self.ctx.limits.poll,
+                max_interval=self.ctx.limits.poll_max,
+                jitter=self.ctx.limits.poll_jitter,
+                deadline=self._deadline,
+            )
 
     def delete(self) -> None:
         if self._id is None or not self.owned:
             return
         self._ready()
         self.ctx.api.call("delete_volume", VolumeId=self._id, missing_ok=NOT_FOUND)
+        self.ctx.watch.forget(self._id)
         log.info("volume deleted", volume=self._id)
 
     # - attach / detach -
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
         target = host or self.ctx.identity.instance_id
         here = target == self.ctx.identity.instance_id
-        with bound(volume=self.volume_id, attach_to=target):
+        with bound(volume=self.volume_id, attach_to=target), self._within(deadline):
             try:
                 if not self._prepare_attach(target):
                     self._attach_with_flip(target, attempts=2)
+            except PhaseExpired:
+                raise  # slow within the phase, not a broken host
             except InfraError as exc:
                 if here and not (isinstance(exc, Ec2Error) and exc.code in CAPACITY):
                     raise self.ctx.health.failed(
@@ -192,7 +219,7 @@ class EbsVolume(Volume):
     def _prepare_attach(self, target: str) -> bool:
         """Make the volume attachable to `target`; True when it is attached there already."""
         self._ready()
-        info = self.describe()
+        info = self._known()
         if info is None:
             raise InfraError(f"EBS volume {self._id} vanished")
         att = self._attachment(info)
@@ -212,10 +239,15 @@ class EbsVolume(Volume):
             log.warning("volume flipped back to available after attach", attempt=attempt)
         raise InfraError(f"EBS volume {self._id} flipped back to available twice after attaching to {target}")
 
-    def _request_attach(self, target: str) -> None:
+    def _request_attach(self, target: str, taken: set[str] | None = None) -> None:
+        """Attach under a free device name; `taken`: the names in use on `target` when the caller
+        knows them (attach_all: asked once for all its volumes), updated with the name picked."""
         # under the host lock: the name is taken in EC2's view before the next slot picks one
         with host_lock(self.ctx.lock_file):
-            name = pick_device_name(self._names_in_use(target))
+            if taken is None:
+                taken = self._names_in_use(target)
+            name = pick_device_name(taken)
+            taken.add(name)
             self.ctx.api.must(
                 "attach_volume",
                 VolumeId=self.volume_id,
@@ -223,6 +255,7 @@ class EbsVolume(Volume):
                 Device=name,
                 eventual=("IncorrectState", "InvalidVolume.NotFound", "InvalidInstanceID.NotFound"),
             )
+        self.ctx.watch.changed(self.volume_id)
         self._device_name = name
         self._attach_requested = time.monotonic()
         log.info("volume attaching", volume=self._id, device_name=name, attach_to=target)
@@ -233,9 +266,8 @@ class EbsVolume(Volume):
         started = self._attach_requested
         seen = False
 
-        def probe() -> str | None:
+        def probe(info: dict[str, Any] | None) -> str | None:
             nonlocal seen
-            info = self.describe()
             if info is None:
                 raise InfraError(f"EBS volume {self._id} vanished while attaching")
             att = self._attachment(info)
@@ -246,17 +278,15 @@ class EbsVolume(Volume):
                 return "flipped"
             return None
 
-        outcome = wait_for(
-            probe,
-            what=f"EBS volume {self._id} to attach to {target}",
-            timeout=limits.attach,
-            interval=limits.poll,
-            max_interval=limits.poll_max,
+        outcome = self._watch(
+            probe, what=f"EBS volume {self._id} to attach to {target}", timeout=limits.attach
         )
         return outcome == "attached"
 
     def _names_in_use(self, instance_id: str) -> set[str]:
-        """Device names taken on an instance: its block device mappings and attachments in progress."""
+        """Device names taken on an instance: its block device mappings, which list attachments in
+        progress too (EbsInstanceBlockDevice.Status attaching/attached/detaching), so no
+        DescribeVolumes is needed besides."""
         used: set[str] = set()
         reservations = self.ctx.api.must(
             "describe_instances", InstanceIds=[instance_id], eventual=("InvalidInstanceID.NotFound",)
@@ -265,13 +295,6 @@ class EbsVolume(Volume):
             for instance in reservation.get("Instances", []):
                 used.add(str(instance.get("RootDeviceName", "")))
                 used.update(str(m.get("DeviceName")) for m in instance.get("BlockDeviceMappings", []))
-        volumes = self.ctx.api.must(
-            "describe_volumes", Filters=[{"Name": "attachment.instance-id", "Values": [instance_id]}]
-        ).get("Volumes", [])
-        for vol in volumes:
-            used.update(
-                str(a.get("Device")) for a in vol.get("Attachments", []) if a.get("InstanceId") == instance_id
-            )
         used.discard("")
         return used
 
@@ -286,19 +309,23 @@ class EbsVolume(Volume):
                 timeout=self.ctx.limits.device,
                 interval=0.05,
                 max_interval=1.0,
+                deadline=self._deadline,
             )
+        except PhaseExpired:
+            raise
         except DeadlineExceeded as exc:
             raise self.ctx.health.failed(InfraError(str(exc))) from exc
         log.info("volume attached here", device=str(node), device_name=self._device_name)
         return node
 
-    def detach(self) -> None:
-        if self._request_detach(force=False):
-            self._wait_detached()
+    def detach(self, *, deadline: Deadline | None = None) -> None:
+        with self._within(deadline):
+            if self._request_detach(force=False):
+                self._wait_detached()
 
     def _request_detach(self, *, force: bool) -> bool:
         """Ask EC2 to detach; False when the volume is attached nowhere."""
-        att = self._attachment(self.describe())
+        att = self._attachment(self._known())
         if att is None:
             self._device_name = None
             return False
@@ -311,6 +338,7 @@ class EbsVolume(Volume):
             Force=force,
             missing_ok=("IncorrectState", "InvalidAttachment.NotFound"),
         )
+        self.ctx.watch.changed(self.volume_id)
         log.info("volume detaching", volume=self._id, detach_from=att.get("InstanceId"), force=force)
         return True
 
@@ -319,6 +347,8 @@ class EbsVolume(Volume):
         with bound(volume=self.volume_id):
             try:
                 self._wait_state("available", self.ctx.limits.detach)
+            except PhaseExpired:
+                raise  # slow, not stuck: no force within a phase that ran out
             except DeadlineExceeded:
                 log.warning("volume stuck detaching, forcing")
                 if self._request_detach(force=True):
@@ -367,7 +397,7 @@ class EbsVolume(Volume):
             with contextlib.suppress(InfraError):
                 partner._request_detach(force=False)
         if not self.owned and self._id is not None:
-            att = self._attachment(self.describe())
+            att = self._attachment(self._known())
             if att is not None and att.get("InstanceId") == self.ctx.identity.instance_id:
                 node = resolve_device(self.volume_id, att.get("Device"), self.ctx.paths)
                 if node is not None:
@@ -379,10 +409,13 @@ def attach_all(volumes: Sequence[EbsVolume], host: str) -> None:
     """Attach volumes to another machine (the builder): every request first, then the waits, so
     the attachments progress together. A volume that flips back gets one more attach of its own."""
     requested: list[EbsVolume] = []
+    taken: set[str] | None = None  # the names in use on `host`: asked once for all the volumes
     for volume in volumes:
         with bound(volume=volume.volume_id, attach_to=host):
             if not volume._prepare_attach(host):
-                volume._request_attach(host)
+                if taken is None:
+                    taken = volume._names_in_use(host)
+                volume._request_attach(host, taken)
                 requested.append(volume)
     for volume in requested:
         with bound(volume=volume.volume_id, attach_to=host):

@@ -25,6 +25,7 @@ import openstack.exceptions as os_exc
 from cloudbuild.cloud.base import AttachHealth
 from cloudbuild.cloud.openstack.api import Api
 from cloudbuild.cloud.openstack.devices import find_device
+from cloudbuild.deadline import Deadline, PhaseExpired
 from cloudbuild.disk.image import device_size
 from cloudbuild.errors import DeadlineExceeded, InfraError, UsageError
 from cloudbuild.log import get_logger
@@ -148,20 +149,31 @@ class CinderVolume(Volume):
             return snap if done(snap) else None
 
         return wait_for(
-            probe, what=f"volume {self.id} {what}", timeout=timeout, interval=t.poll, max_interval=t.poll_max
+            probe,
+            what=f"volume {self.id} {what}",
+            timeout=timeout,
+            interval=t.poll,
+            max_interval=t.poll_max,
+            deadline=self._deadline,
         )
 
     def _wait_settled(self, what: str, timeout: float) -> Snapshot:
         """Wait until no transition is in progress; a volume stuck past `timeout` is counted."""
         try:
             return self._wait(what, timeout, lambda s: s.status not in SETTLING)
+        except PhaseExpired:
+            raise  # slow within the phase, not stuck: not counted against the worker
         except DeadlineExceeded as exc:
             snap = self._get()
             status = snap.status if snap else "gone"
             raise self._stuck(f"volume {self.id} stuck in '{status}' for {timeout:g}s ({what})") from exc
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def create(self) -> None:
+    def create(self, *, deadline: Deadline | None = None) -> None:
+        with self._within(deadline):
+            self._create()
+
+    def _create(self) -> None:
         if self._id is not None:
             return
         if not self.owned:
@@ -218,7 +230,11 @@ class CinderVolume(Volume):
         self.log = self.log.bind(volume=self._id)
         self.log.info("using supplied volume", status=snap.status)
 
-    def attach(self, host: str | None = None) -> Path | None:
+    def attach(self, host: str | None = None, *, deadline: Deadline | None = None) -> Path | None:
+        with self._within(deadline):
+            return self._attach(host)
+
+    def _attach(self, host: str | None) -> Path | None:
         server = host or self.worker
         if self._id is None:
             raise InfraError(f"{self!r}: attach before create")
@@ -234,6 +250,7 @@ class CinderVolume(Volume):
             timeout=t.device,
             interval=0.05,
             max_interval=1.0,
+            deadline=self._deadline,
         )
         self.log.info("volume attached here", device=str(device))
         return device
@@ -301,7 +318,11 @@ class CinderVolume(Volume):
 
         return attempt
 
-    def detach(self) -> None:
+    def detach(self, *, deadline: Deadline | None = None) -> None:
+        with self._within(deadline):
+            self._detach()
+
+    def _detach(self) -> None:
         if self._id is None:
             return
         volume_id = self._id
@@ -328,6 +349,8 @@ class CinderVolume(Volume):
             )
         try:
             self._wait("available", t.detach, lambda s: s.status == "available")
+        except PhaseExpired:
+            raise
         except DeadlineExceeded as exc:
             now = self._get()
             status = now.status if now else "gone"
