@@ -17,7 +17,6 @@ from cloudbuild.cloud.openstack.builder import user_data as openstack_user_data
 __all__ = ["ec2_client", "ec2_transient", "ec2_translate", "ec2_user_data", "markers", "openstack_user_data"]
 
 _SAMPLE_EC2 = "vol-0123456789abcdef0"
-_SAMPLE_OS = "00000000-0000-0000-0000-000000000000"
 
 
 def markers(cloud: str) -> list[str]:
@@ -25,5 +24,5 @@ def markers(cloud: str) -> list[str]:
     if cloud == "ec2":
         hook = ec2_user_data(build_id="sample", root=_SAMPLE_EC2, swap=_SAMPLE_EC2)
     else:
-        hook = openstack_user_data(root_id=_SAMPLE_OS, swap_id=_SAMPLE_OS, fstype="ext4", mount_options="")
+        hook = openstack_user_data(fstype="ext4", mount_options="")
     return [hook.splitlines()[1].strip()]

@@ -348,7 +348,7 @@ def test_a_create_whose_answer_was_lost_is_retried_without_a_second_volume(ec2_w
 def test_the_phase_deadline_ends_a_slow_attach_without_charging_the_host(ec2_world: Ec2World):
     # the volume's own limit is long; the phase's deadline is what ends the wait, each time,
     # and a phase running out is slowness, not a broken host: three in a row stay exit 3
-    limits = Ec2Limits(**{**FAST.__dict__, "attach": 60.0, "flip_grace": 60.0})
+    limits = Ec2Limits(**{**timings.EC2.__dict__, "attach": 60.0, "flip_grace": 60.0})
     lost_attach(ec2_world, times=10)
     for i in range(3):
         root, _ = pair(ec2_world, build_id=f"b{i}", limits=limits)
