@@ -86,6 +86,7 @@ SAMPLE: dict[str, tuple[str, Any]] = {
     "ec2_pool": ("2", 2),
     "openstack_flavor": ("m1.large", "m1.large"),
     "openstack_network": ("net0", "net0"),
+    "openstack_pool": ("3", 3),
 }
 
 ALL_SPELLINGS = [(name, spec) for spec in SPECS for name in spec.names]

@@ -338,6 +338,8 @@ class Builder:
                 return BootResult(
                     ExitReason.CRASHED, detail=f"builder server {server_id} in ERROR: {message}"
                 )
+            if status == "SHUTOFF" and server.task_state:
+                return None  # a claimed pool builder still powering on (Nova sets this at os-start)
             if status == "SHUTOFF":
                 poll_console(final=True)
                 if was_killed() or TAG_KILLED in (server.metadata or {}):
