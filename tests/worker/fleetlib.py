@@ -120,7 +120,7 @@ def asg_world_fixture(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> Iterator[Asg
     imds = FakeImds({"instance-id": ids[0], "placement/availability-zone": ZONE, "placement/region": REGION})
     imds.start()
     monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint)
-    monkeypatch.delenv("AWS_EC2_METADATA_DISABLED", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "false")
     world = AsgWorld(asg, ec2, imds, ids[0], ids[1:])
     _teach_moto(monkeypatch, world)
     try:

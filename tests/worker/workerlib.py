@@ -44,7 +44,13 @@ class Farm:
         return DirStore(self.top / "store")
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "CLOUDBUILD_CACHE_DIR": str(self.cache), "TMPDIR": str(self.top)}
+        # off EC2 unless a test says otherwise (tests/worker/fleetlib.py): no IMDS probe at start-up
+        return {
+            "AWS_EC2_METADATA_DISABLED": "true",
+            **os.environ,
+            "CLOUDBUILD_CACHE_DIR": str(self.cache),
+            "TMPDIR": str(self.top),
+        }
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CLI, *args], env=self.env(), capture_output=True, text=True, timeout=timeout)
