@@ -58,6 +58,19 @@ from cloudbuild.watchdog import Watchdog, watchdog_timeout
 
 log = get_logger(__name__)
 
+# A pooled builder ran earlier builds as root on its own disk, so it is reused only by builds of
+# the same trust domain, at most --ec2-pool-max-uses times, and only after a clean build.
+TAG_TRUST = "cloudbuild:trust-domain"
+TAG_USES = "cloudbuild:uses"
+REUSABLE_STATUS = (0, 2)
+
+
+def pool_uses(tags: Mapping[str, str]) -> int:
+    """Builds a pooled builder has served; an unreadable count counts as used up."""
+    text = tags.get(TAG_USES, "")
+    return int(text) if text.isdigit() else 1 << 30
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 
@@ -87,6 +100,8 @@ class Ec2Backend(CloudBackend):
         self._ctx: Ec2Context | None = None
         self.builder: str | None = None  # instance id of the current builder
         self._builder_from_pool = False
+        self._uses = 0  # builds this builder served, this one included
+        self._clean = False  # the build's status said ok/unchanged: the builder may be pooled
         self._nonce = uuid.uuid4().hex[:12]
 
     @property
@@ -228,12 +243,19 @@ class Ec2Backend(CloudBackend):
                 i
                 for r in result.get("Reservations", [])
                 for i in r.get("Instances", [])
-                if not tag_dict(i.get("Tags")).get(TAG_BUILD)
+                if not (tags := tag_dict(i.get("Tags"))).get(TAG_BUILD)
+                and tags.get(TAG_TRUST, "") == self.options.trust_domain
+                and pool_uses(tags) < self.options.ec2_pool_max_uses
             ]
             if not free:
                 return None
-            instance_id = str(sorted(free, key=lambda i: str(i["InstanceId"]))[0]["InstanceId"])
-            self.api.must("create_tags", Resources=[instance_id], Tags=ec2_tags(self._tags(slot, "builder")))
+            chosen = sorted(free, key=lambda i: str(i["InstanceId"]))[0]
+            instance_id = str(chosen["InstanceId"])
+            self._uses = pool_uses(tag_dict(chosen.get("Tags"))) + 1
+            extra = {TAG_USES: str(self._uses)}
+            self.api.must(
+                "create_tags", Resources=[instance_id], Tags=ec2_tags(self._tags(slot, "builder", extra))
+            )
         # unlike RunInstances, ModifyInstanceAttribute wants the user data base64-encoded by the caller
         self.api.must(
             "modify_instance_attribute",
@@ -245,7 +267,12 @@ class Ec2Backend(CloudBackend):
 
     def _launch(self, slot: BuildSlot, hook: str) -> str:
         o = self.options
-        extra = {TAG_POOL: self.ctx.identity.instance_id} if o.ec2_pool > 0 else None
+        self._uses = 1
+        extra = (
+            {TAG_POOL: self.ctx.identity.instance_id, TAG_TRUST: o.trust_domain, TAG_USES: "1"}
+            if o.ec2_pool > 0
+            else None
+        )
         params: dict[str, Any] = {
             "ImageId": o.ec2_builder_ami,
             "InstanceType": o.ec2_instance_type or "t3.medium",
@@ -444,6 +471,9 @@ class Ec2Backend(CloudBackend):
                     self.api.call("terminate_instances", InstanceIds=[instance_id], missing_ok=NOT_FOUND)
                 log.info("builder of a running build killed", builder=instance_id, build=build_id)
 
+    def build_finished(self, status: int) -> None:
+        self._clean = status in REUSABLE_STATUS
+
     def release_builder(self) -> None:
         """Terminate the builder, or stop it and hand it back to the pool; idempotent."""
         if self.builder is None:
@@ -457,6 +487,8 @@ class Ec2Backend(CloudBackend):
                 return
             keep = (
                 self.options.ec2_pool > 0
+                and self._clean
+                and self._uses < self.options.ec2_pool_max_uses
                 and self.builder_state != BuilderState.LOST
                 and state in ("stopped", "stopping", "running")
             )
@@ -473,6 +505,7 @@ class Ec2Backend(CloudBackend):
                 log.info("builder terminating")
             self.builder = None
             self.builder_state = BuilderState.NONE
+            self._clean = False
 
     def _return_to_pool(self, builder: str, state: str) -> bool:
         if state != "stopped":
