@@ -15,7 +15,7 @@ import pytest
 
 from cloudbuild.errors import UsageError
 from cloudbuild.images import upload_ec2
-from tests.fakes.moto_server import REGION, Aws, aws_fixture, moto_server_fixture  # noqa: F401 - fixtures
+from tests.fakes.moto_server import REGION, Aws
 
 BLOCK = upload_ec2.BLOCK
 
