@@ -114,11 +114,17 @@ class Backend(abc.ABC):
     def kill(self) -> None:
         """Stop the machine of this backend's current build; idempotent."""
 
+    def build_finished(self, status: int) -> None:  # noqa: B027 - optional hook
+        """The build status the host read (0 ok, 1 failed, 2 unchanged, 3 infrastructure); not
+        called when there is none (timeout, watchdog, crash, no status): a backend that reuses
+        machines reuses one only after this said 0 or 2."""
+
     def cleanup(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend itself created (instances, domains, temp files); idempotent."""
 
 
 _REGISTRY: dict[str, type[Backend]] = {}
+
 
 def register(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make `cls` the backend of `cls.name`."""
@@ -145,4 +151,3 @@ def backend_class(vm_type: str) -> type[Backend]:
 
 def create_backend(options: VmOptions) -> Backend:
     return backend_class(options.vm_type)(options)
-

@@ -228,6 +228,7 @@ class Orchestrator:
                 raise InfraError(
                     "no build status on the swap volume: the base system or the build host is broken"
                 )
+            self.backend.build_finished(status)
             return status
 
     def _cleanup(self) -> str | None:

@@ -37,7 +37,9 @@ BACKEND_MODULES: dict[str, str] = {
     "openstack": "cloudbuild.cloud.openstack.backend",
 }
 VM_TYPES = tuple(name for name in BACKEND_MODULES if name != NO_VM)
-CLOUD_VM_TYPES = tuple(name for name, module in BACKEND_MODULES.items() if module.startswith("cloudbuild.cloud."))
+CLOUD_VM_TYPES = tuple(
+    name for name, module in BACKEND_MODULES.items() if module.startswith("cloudbuild.cloud.")
+)
 FILESYSTEMS = ("ext4", "ext3", "ext2", "xfs", "btrfs", "reiserfs")
 DEFAULT_MOUNT_OPTIONS = "__default"
 LOG_FORMATS = ("auto", "console", "json")
@@ -82,6 +84,8 @@ class VmOptions:
     ec2_subnet: str | None = None
     ec2_security_group: str | None = None
     ec2_pool: int = 0
+    ec2_pool_max_uses: int = 20
+    trust_domain: str = ""
     openstack_flavor: str | None = None
     openstack_network: str | None = None
     openstack_pool: int = 0
@@ -297,6 +301,21 @@ SPECS: tuple[OptionSpec, ...] = (
         "EC2: keep N stopped builders warm (0 = none)",
         "N",
         _non_negative_int,
+    ),
+    OptionSpec(
+        ("ec2-pool-max-uses",),
+        "ec2_pool_max_uses",
+        "value",
+        "EC2: a pooled builder serves at most N builds, then it is terminated (default 20)",
+        "N",
+        _positive_int,
+    ),
+    OptionSpec(
+        ("trust-domain",),
+        "trust_domain",
+        "value",
+        "who may share a reused (warm pool) builder: only builds of the same domain (default: the empty one)",
+        "NAME",
     ),
     OptionSpec(("openstack-flavor",), "openstack_flavor", "value", "OpenStack: builder flavor", "FLAVOR"),
     OptionSpec(

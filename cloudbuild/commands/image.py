@@ -17,15 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cloudbuild import log as cblog
+from cloudbuild.commands.usage import UsageParser
 from cloudbuild.errors import ExitCode, UsageError
 
 KINDS = ("builder",)  # the worker image: not built yet
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cloudbuild image", description="Build and upload the cloud images.")
+    p = UsageParser(prog="cloudbuild image", description="Build and upload the cloud images.")
     p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto")
-    sub = p.add_subparsers(dest="action", required=True, metavar="build|upload")
+    sub = p.add_subparsers(dest="action", required=True, metavar="build|upload", parser_class=UsageParser)
     b = sub.add_parser("build", help="build a builder image file")
     b.add_argument("kind", choices=KINDS)
     b.add_argument("--cloud", required=True, choices=("ec2", "openstack"))

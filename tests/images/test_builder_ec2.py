@@ -18,18 +18,9 @@ from cloudbuild.buildroot.hoststeps import DiskHostSteps
 from cloudbuild.cloud.ec2.devices import serial_of
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
+from tests.fakes.console import RecordingConsole
 from tests.fakes.imds import FakeImds
-from tests.fakes.moto_server import (  # noqa: F401 - fixtures
-    BuilderRun,
-    Ec2World,
-    ListConsole,
-    aws_fixture,
-    console_from_emulator_fixture,
-    ec2_leftovers_fixture,
-    ec2_world_fixture,
-    moto_backend,
-    moto_server_fixture,
-)
+from tests.fakes.moto_server import BuilderRun, Ec2World, moto_backend
 from tests.images import machine
 from tests.vm.localbuild import recipe as write_recipe
 
@@ -94,7 +85,7 @@ def test_the_ec2_builder_image_runs_a_real_build_through_its_boot_hook(
         BuildJob("img", dest, workdir, limits=PhaseLimits(boot=BOOT_TIMEOUT + 60)),
         backend,
         steps,
-        ListConsole(),
+        RecordingConsole(),
     )
     text = consoles[0].text if consoles else "(never booted)"
     assert outcome.exit_code == ExitCode.OK, f"{outcome.message}\n--- console ---\n{text[-6000:]}"

@@ -15,11 +15,11 @@ from cloudbuild.buildroot.hoststeps import DiskHostSteps
 from cloudbuild.commands.rootfs import busybox_rootfs
 from cloudbuild.errors import ExitCode
 from cloudbuild.runner import run
-from tests.cloud.openstack_emulation import Emulation, Guest, ServerConsole, Sink, make_backend
+from tests.cloud.openstack_emulation import Emulation, Guest, ServerConsole, make_backend
+from tests.fakes.console import RecordingConsole
 from tests.images import machine
 from tests.vm.localbuild import recipe as write_recipe
 
-pytest_plugins = ["tests.cloud.openstack_fixtures"]
 BOOT_TIMEOUT = 900.0
 pytestmark = [
     pytest.mark.vm,
@@ -86,7 +86,10 @@ def test_the_openstack_builder_image_builds_with_user_data_from_a_config_drive(
     workdir.mkdir()
     steps = DiskHostSteps(backend.options, recipe, build_id="osimg", workdir=workdir)
     outcome = run_build(
-        BuildJob("osimg", dest, workdir, limits=PhaseLimits(boot=BOOT_TIMEOUT + 60)), backend, steps, Sink()
+        BuildJob("osimg", dest, workdir, limits=PhaseLimits(boot=BOOT_TIMEOUT + 60)),
+        backend,
+        steps,
+        RecordingConsole(),
     )
     text = CONSOLES[-1].text if CONSOLES else "(never booted)"
     assert outcome.exit_code == ExitCode.OK, f"{outcome.message}\n--- console ---\n{text[-6000:]}"

@@ -15,7 +15,7 @@ import pytest
 
 from cloudbuild.errors import UsageError
 from cloudbuild.images import upload_ec2
-from tests.fakes.moto_server import REGION, Aws, aws_fixture, moto_server_fixture  # noqa: F401 - fixtures
+from tests.fakes.moto_server import REGION, Aws
 
 BLOCK = upload_ec2.BLOCK
 
@@ -108,3 +108,24 @@ def test_the_cli_names_a_missing_file(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "FILE" in done.stderr and "nope.raw" in done.stderr
+
+
+def test_bad_options_exit_1_with_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloudbuild",
+            "image",
+            "build",
+            "worker",
+            "--cloud",
+            "ec2",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "invalid choice: 'worker'" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -84,6 +84,8 @@ SAMPLE: dict[str, tuple[str, Any]] = {
     "ec2_subnet": ("subnet-1", "subnet-1"),
     "ec2_security_group": ("sg-1", "sg-1"),
     "ec2_pool": ("2", 2),
+    "ec2_pool_max_uses": ("3", 3),
+    "trust_domain": ("team-a", "team-a"),
     "openstack_flavor": ("m1.large", "m1.large"),
     "openstack_network": ("net0", "net0"),
     "openstack_pool": ("3", 3),

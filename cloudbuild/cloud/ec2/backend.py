@@ -214,6 +214,10 @@ class Ec2Backend(CloudBackend):
         elif self.running_elsewhere is not None:
             kill_builders_of(self.ctx, self.running_elsewhere)
 
+    def build_finished(self, status: int) -> None:
+        if self._builder is not None:
+            self._builder.build_finished(status)
+
     def release_builder(self) -> None:
         """Terminate the builder, or stop it and hand it back to the pool; idempotent."""
         if self._builder is not None:

@@ -79,6 +79,19 @@ def instance_tags(
     )
 
 
+# A pooled builder ran earlier builds as root on its own disk, so it is reused only by builds of
+# the same trust domain, at most --ec2-pool-max-uses times, and only after a clean build.
+TAG_TRUST = "cloudbuild:trust-domain"
+TAG_USES = "cloudbuild:uses"
+REUSABLE_STATUS = (0, 2)
+
+
+def pool_uses(tags: Mapping[str, str]) -> int:
+    """Builds a pooled builder has served; an unreadable count counts as used up."""
+    text = tags.get(TAG_USES, "")
+    return int(text) if text.isdigit() else 1 << 30
+
+
 class Ec2Builder:
     """The builder instance of one build slot: none, starting, running, stopped or lost."""
 
@@ -90,6 +103,8 @@ class Ec2Builder:
         self.state = BuilderState.NONE
         self.from_pool = False
         self.powered_off = False  # the guest powered it off itself: the only end that may pool it
+        self.uses = 0  # builds this builder served, this one included
+        self.clean = False  # the build's status said ok/unchanged: the builder may be pooled
 
     @property
     def api(self) -> Any:
@@ -143,6 +158,7 @@ class Ec2Builder:
         self.id = builder
         self.state = BuilderState.STARTING
         self.powered_off = False
+        self.clean = False
         if self.from_pool:
             self.api.must("start_instances", InstanceIds=[builder], eventual=("IncorrectState",))
             log.info("pool builder starting", builder=builder)
@@ -165,12 +181,16 @@ class Ec2Builder:
                 i
                 for r in result.get("Reservations", [])
                 for i in r.get("Instances", [])
-                if not tag_dict(i.get("Tags")).get(TAG_BUILD)
+                if not (tags := tag_dict(i.get("Tags"))).get(TAG_BUILD)
+                and tags.get(TAG_TRUST, "") == self.options.trust_domain
+                and pool_uses(tags) < self.options.ec2_pool_max_uses
             ]
             if not free:
                 return None
-            instance_id = str(sorted(free, key=lambda i: str(i["InstanceId"]))[0]["InstanceId"])
-            tags = instance_tags(self.ctx, self.options, slot, "builder")
+            chosen = sorted(free, key=lambda i: str(i["InstanceId"]))[0]
+            instance_id = str(chosen["InstanceId"])
+            self.uses = pool_uses(tag_dict(chosen.get("Tags"))) + 1
+            tags = instance_tags(self.ctx, self.options, slot, "builder", {TAG_USES: str(self.uses)})
             self.api.must("create_tags", Resources=[instance_id], Tags=ec2_tags(tags))
         # unlike RunInstances, ModifyInstanceAttribute wants the user data base64-encoded by the caller
         self.api.must(
@@ -183,7 +203,12 @@ class Ec2Builder:
 
     def _launch(self, slot: BuildSlot, hook: str) -> str:
         o = self.options
-        extra = {TAG_POOL: self.ctx.identity.instance_id} if self.pooling else None
+        self.uses = 1
+        extra = (
+            {TAG_POOL: self.ctx.identity.instance_id, TAG_TRUST: o.trust_domain, TAG_USES: "1"}
+            if self.pooling
+            else None
+        )
         params: dict[str, Any] = {
             "ImageId": o.ec2_builder_ami,
             "InstanceType": o.ec2_instance_type or "t3.medium",
@@ -324,6 +349,8 @@ class Ec2Builder:
             keep = (
                 self.pooling
                 and self.powered_off
+                and self.clean
+                and self.uses < self.options.ec2_pool_max_uses
                 and self.state != BuilderState.LOST
                 and state in ("stopped", "stopping", "running")
             )
@@ -340,6 +367,11 @@ class Ec2Builder:
                 log.info("builder terminating")
             self.id = None
             self.state = BuilderState.NONE
+            self.clean = False
+
+    def build_finished(self, status: int) -> None:
+        """The orchestrator read the build's status: only ok/unchanged builds leave a reusable builder."""
+        self.clean = status in REUSABLE_STATUS
 
     def _return_to_pool(self, builder: str, state: str) -> bool:
         if state != "stopped":
