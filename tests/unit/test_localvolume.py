@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -43,10 +45,11 @@ def test_vmdisk_clean_recreates_an_existing_image_but_keeps_a_user_one(tmp_path:
     assert image.exists()
 
 
-def test_block_device_is_never_recreated_or_deleted() -> None:
-    device = Path("/dev/loop7")
-    if not device.exists():  # every test host here has loop devices; the check is the point
-        pytest.fail("/dev/loop7 missing: this test needs a block device node")
+def test_block_device_is_never_recreated_or_deleted(tmp_path: Path) -> None:
+    # a block device node of our own (loop major 7, a minor no loop uses): the host's /dev/loopN
+    # come and go as other tests attach and remove loop devices
+    device = tmp_path / "blockdev"
+    os.mknod(device, stat.S_IFBLK | 0o600, os.makedev(7, 1000))
     volume = LocalVolume(Role.SWAP, device, 4, owned=True, clean=True)
     volume.create()
     volume.delete()
