@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cloudbuild.backend import Backend, BuildSlot, was_killed
+from cloudbuild.cloud.common import GcAdapter, Resource
 from cloudbuild.deadline import Deadline
 from cloudbuild.disk import buildstatus
 from cloudbuild.errors import CloudbuildError, HostBroken, InfraError, UsageError
 from cloudbuild.log import get_logger
 from cloudbuild.options import VmOptions
-from cloudbuild.volume import Role, Volume, VolumePair, VolumeState
+from cloudbuild.volume import TAG_BUILD, Role, Volume, VolumePair, VolumeState
 
 log = get_logger(__name__)
 
@@ -112,6 +113,22 @@ class BuildLocks:
             return False
         finally:
             os.close(fd)
+
+
+class WorkerGcAdapter(GcAdapter):
+    """The part of a cloud's GC adapter that is the same everywhere: run on a worker, it tells a
+    crashed build of that worker from a running one by the build's lock (`BuildLocks`)."""
+
+    def __init__(self, cloud: str, *, local_worker: str | None, directory: Path | None):
+        self.local_worker = local_worker  # this worker's instance/server id, when gc runs on a worker
+        self.locks = BuildLocks((directory or state_dir(cloud)) / "builds")
+
+    def build_alive(self, resource: Resource) -> bool | None:
+        """On the owner itself, a build lives while its process holds its lock; elsewhere: unknown."""
+        build = resource.tags.get(TAG_BUILD)
+        if not build or self.local_worker is None or resource.owner != self.local_worker:
+            return None
+        return self.locks.alive(build)
 
 
 class AttachHealth:

@@ -13,8 +13,7 @@ from typing import Any
 import botocore.config
 import botocore.session
 
-from cloudbuild.cloud.base import BuildLocks
-from cloudbuild.cloud.base import state_dir as base_state_dir
+from cloudbuild.cloud.base import WorkerGcAdapter
 from cloudbuild.cloud.common import (
     TAG_GC_SEEN,
     GcAdapter,
@@ -50,7 +49,7 @@ def _tag_filters() -> Iterator[list[dict[str, Any]]]:
         yield [{"Name": "tag-key", "Values": [key]}]
 
 
-class Ec2GcAdapter(GcAdapter):
+class Ec2GcAdapter(WorkerGcAdapter):
     """Lists, stamps and deletes cloudbuild's EC2 resources; `cloudbuild.cloud.common.sweep` decides."""
 
     def __init__(
@@ -61,17 +60,9 @@ class Ec2GcAdapter(GcAdapter):
         local_worker: str | None = None,
         state_dir: Path | None = None,
     ):
+        super().__init__("ec2", local_worker=local_worker, directory=state_dir)
         self.api = api
         self.limits = limits or Ec2Limits()
-        self.local_worker = local_worker  # this host's instance id, when gc runs on a worker
-        self.locks = BuildLocks((state_dir or base_state_dir("ec2")) / "builds")
-
-    def build_alive(self, resource: Resource) -> bool | None:
-        """On the owner itself, a build lives while its process holds its lock; elsewhere: unknown."""
-        build = resource.tags.get(TAG_BUILD)
-        if not build or self.local_worker is None or resource.owner != self.local_worker:
-            return None
-        return self.locks.alive(build)
 
     def list_resources(self) -> Iterable[Resource]:
         found: dict[str, Resource] = {}

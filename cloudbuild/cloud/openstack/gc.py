@@ -7,37 +7,28 @@ import datetime as dt
 from collections.abc import Iterable
 from pathlib import Path
 
-from cloudbuild.cloud.base import BuildLocks
-from cloudbuild.cloud.base import state_dir as base_state_dir
-from cloudbuild.cloud.common import GcAdapter, Resource, format_time, is_cloudbuild_tagged
+from cloudbuild.cloud.base import WorkerGcAdapter
+from cloudbuild.cloud.common import Resource, format_time, is_cloudbuild_tagged
 from cloudbuild.cloud.openstack.api import Api, connect
 from cloudbuild.cloud.openstack.builder import Builder
 from cloudbuild.cloud.openstack.identity import worker_server_id
 from cloudbuild.cloud.openstack.volume import CinderVolume
 from cloudbuild.errors import CloudbuildError
 from cloudbuild.log import get_logger
-from cloudbuild.volume import TAG_BUILD, TAG_GC_SEEN
+from cloudbuild.volume import TAG_GC_SEEN
 
 log = get_logger(__name__)
 
 
-class OpenStackGc(GcAdapter):
+class OpenStackGc(WorkerGcAdapter):
     """The GC adapter (cloudbuild.cloud.common.GcAdapter): servers and volumes cloudbuild tagged."""
 
     SERVER_ORDER = 0  # servers first: deleting one releases the volumes it holds
     VOLUME_ORDER = 1
 
     def __init__(self, api: Api, *, local_worker: str | None = None, state_dir: Path | None = None):
+        super().__init__("openstack", local_worker=local_worker, directory=state_dir)
         self.api = api
-        self.local_worker = local_worker  # this worker's server id, when gc runs on a worker
-        self.locks = BuildLocks((state_dir or base_state_dir("openstack")) / "builds")
-
-    def build_alive(self, resource: Resource) -> bool | None:
-        """On the owner itself, a build lives while its process holds its lock; elsewhere: unknown."""
-        build = resource.tags.get(TAG_BUILD)
-        if not build or self.local_worker is None or resource.owner != self.local_worker:
-            return None
-        return self.locks.alive(build)
 
     def list_resources(self) -> Iterable[Resource]:
         compute, storage = self.api.conn.compute, self.api.conn.block_storage
