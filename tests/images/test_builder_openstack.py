@@ -5,6 +5,7 @@ the user data the backend sent to Nova on a config drive (vfat, label `config-2`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,11 +39,14 @@ echo "recipe done"
 """
 
 
-def config_drive(path: Path, user_data: bytes) -> Path:
-    """A vfat config drive as Nova makes one (`config_drive_format=vfat`), written without mounting."""
+def config_drive(path: Path, user_data: bytes, server_id: str, meta: dict[str, str]) -> Path:
+    """A vfat config drive as Nova makes one (`config_drive_format=vfat`), written without mounting:
+    the user data and meta_data.json with the server's metadata (the build's volume ids)."""
     tree = path.with_suffix(".d")
     (tree / "openstack" / "latest").mkdir(parents=True)
     (tree / "openstack" / "latest" / "user_data").write_bytes(user_data)
+    document = {"uuid": server_id, "meta": meta}
+    (tree / "openstack" / "latest" / "meta_data.json").write_text(json.dumps(document))
     run(["mkfs.vfat", "-n", "config-2", "-C", path, "65536"], timeout=60)
     run(["mcopy", "-s", "-i", path, tree / "openstack", "::/"], timeout=60)
     return path
@@ -51,8 +55,9 @@ def config_drive(path: Path, user_data: bytes) -> Path:
 def image_guest(image: Path, folder: Path) -> Guest:
     def play(server_id: str, disks: list[Path], emu: Emulation) -> str:
         with emu.fake.lock:
-            user_data = emu.fake.cloud.servers[server_id].user_data or b""
-        drive = config_drive(folder / "config-drive.img", user_data)
+            server = emu.fake.cloud.servers[server_id]
+            user_data, meta = server.user_data or b"", dict(server.metadata)
+        drive = config_drive(folder / "config-drive.img", user_data, server_id, meta)
         vdisks = [machine.Disk(disk, disk.stem[:20]) for disk in disks] + [
             machine.Disk(drive, "config-drive")
         ]
