@@ -8,13 +8,19 @@ import secrets
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `path` whole or not at all: a temporary file beside it, fsync, rename over it."""
+def _durable_temp(path: Path, data: bytes) -> Path:
+    """`data` in a fresh temporary file beside `path`, fsynced: ready to be renamed or linked."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: a temporary file beside it, fsync, rename over it."""
+    tmp = _durable_temp(path, data)
     try:
         os.rename(tmp, path)
     except BaseException:
@@ -28,11 +34,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     The content is written to a temporary file first and then hard-linked into place: link(2)
     fails with EEXIST when the name exists, so of several racing writers exactly one wins.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _durable_temp(path, data)
     try:
         os.link(tmp, path)
     except FileExistsError:
